@@ -55,6 +55,7 @@ def extension():
         return cpp_extension.CUDAExtension(
             "centroidkv._C",
             CPU_SOURCES + CUDA_SOURCES,
+            include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
             py_limited_api=True,
@@ -62,6 +63,7 @@ def extension():
     return cpp_extension.CppExtension(
         "centroidkv._C",
         CPU_SOURCES,
+        include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"],
         py_limited_api=True,

@@ -1,7 +1,8 @@
 // The ops are inference ops (clustering a cache is not differentiable in any useful sense).
 // Rather than let autograd's fallback hand back outputs with a silently wrong (absent) gradient,
-// the Autograd key raises a clear error when grad mode is on and any input requires grad, and
-// otherwise passes straight through to the backend kernel.
+// the Autograd key of merge and attention raises a clear error when grad mode is on and any
+// input requires grad, and otherwise passes straight through to the backend kernel. match
+// returns an integer map, which has no gradient to get wrong, so it always passes through.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -18,23 +19,28 @@ bool any_input_requires_grad(const torch::jit::Stack& stack, size_t num_args) {
   return false;
 }
 
-void no_autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
-                        torch::jit::Stack* stack) {
+void below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                    torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset);
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+void reject_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                 torch::jit::Stack* stack) {
   const size_t num_args = op.schema().arguments().size();
   TORCH_CHECK(!(c10::GradMode::is_enabled() && any_input_requires_grad(*stack, num_args)),
               op.schema().name(),
               " is an inference op and has no gradient; call it under torch.no_grad() or pass "
               "detached tensors");
-  c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset);
-  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+  below_autograd(op, keys, stack);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(centroidkv, Autograd, m) {
-  m.impl("match", torch::CppFunction::makeFromBoxedFunction<&no_autograd_kernel>());
-  m.impl("merge", torch::CppFunction::makeFromBoxedFunction<&no_autograd_kernel>());
-  m.impl("attention", torch::CppFunction::makeFromBoxedFunction<&no_autograd_kernel>());
+  m.impl("match", torch::CppFunction::makeFromBoxedFunction<&below_autograd>());
+  m.impl("merge", torch::CppFunction::makeFromBoxedFunction<&reject_grad>());
+  m.impl("attention", torch::CppFunction::makeFromBoxedFunction<&reject_grad>());
 }
 
 }  // namespace centroidkv

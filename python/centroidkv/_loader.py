@@ -37,6 +37,7 @@ def build_extension(verbose: bool = False, with_cuda: bool | None = None) -> str
     cpp_extension.load(
         name=name,
         sources=files,
+        extra_include_paths=[os.path.join(SOURCE_ROOT, "csrc")],
         extra_cflags=["-O3", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         extra_cuda_cflags=["-O3", "--use_fast_math", "--expt-relaxed-constexpr"],
