@@ -37,6 +37,19 @@ void check_lengths_values(const at::Tensor& lengths, int64_t length) {
   }
 }
 
+// Eight independent partial sums, so the compiler can vectorise the reduction without
+// reassociating floating point on its own.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int i = 0; i < 8; ++i) part[i] += a[d + i] * b[d + i];
+  float total =
+      ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; d < n; ++d) total += a[d] * b[d];
+  return total;
+}
+
 template <typename scalar_t>
 void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const float* sizes, const at::Tensor& sizes_t, const int64_t* lengths,
@@ -56,7 +69,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   at::parallel_for(0, batch * kv_heads * tq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * dim), kf(kKeyBlock * dim), vf(kKeyBlock * dim_v);
     std::vector<float> logits(group * kKeyBlock), acc(group * dim_v), run_max(group),
-        run_sum(group);
+        run_sum(group), bias(kKeyBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % tq, h = (task / tq) % kv_heads, b = task / (tq * kv_heads);
       const int64_t row_length = lengths ? lengths[b] : length;
@@ -80,26 +93,20 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           const scalar_t* vrow = v_head + (j0 + jj) * vs[2];
           for (int64_t d = 0; d < dim; ++d) kf[jj * dim + d] = static_cast<float>(krow[d]);
           for (int64_t d = 0; d < dim_v; ++d) vf[jj * dim_v + d] = static_cast<float>(vrow[d]);
+          // log(size) once per key for the whole group; `> 0` is false for 0 and NaN, so such
+          // slots carry no weight.
+          const float s = size_head ? size_head[(j0 + jj) * ss_l] : 1.f;
+          bias[jj] = s > 0.f ? std::log(s) : kNegInf;
         }
         for (int64_t g = 0; g < group; ++g) {
           float* lg = &logits[g * kKeyBlock];
           float block_max = kNegInf;
           for (int64_t jj = 0; jj < n; ++jj) {
-            float bias = 0.f;
-            if (size_head) {
-              const float s = size_head[(j0 + jj) * ss_l];
-              // `> 0` is false for 0 and NaN: such slots carry no weight.
-              if (!(s > 0.f)) {
-                lg[jj] = kNegInf;
-                continue;
-              }
-              bias = std::log(s);
+            if (bias[jj] == kNegInf) {
+              lg[jj] = kNegInf;
+              continue;
             }
-            float dot = 0.f;
-            const float* qg = &qf[g * dim];
-            const float* kr = &kf[jj * dim];
-            for (int64_t d = 0; d < dim; ++d) dot += qg[d] * kr[d];
-            lg[jj] = dot + bias;
+            lg[jj] = dot(&qf[g * dim], &kf[jj * dim], dim) + bias[jj];
             block_max = std::max(block_max, lg[jj]);
           }
           if (block_max == kNegInf) continue;  // every key of the block is masked
