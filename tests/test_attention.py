@@ -54,15 +54,17 @@ def _reference64(q, k, v, sizes, scale, lengths):
     return reference.attention(q.double(), k.double(), v.double(), sizes, scale, lengths)
 
 
-def poison_cuda_allocator(device):
-    """Leaves NaN in the blocks the caching allocator hands out next."""
+def poison_cuda_allocator(device, out_shape):
+    """Leaves NaN in the blocks the caching allocator hands out next: one of the output's size
+    (the small pool reuses it for the output) and a large one (workspace)."""
     if device == "cuda":
-        junk = torch.full((64 << 20,), float("nan"), device=device)
+        junk = [torch.full(out_shape, float("nan"), device=device),
+                torch.full((64 << 20,), float("nan"), device=device)]
         del junk
 
 
 def run(q, k, v, sizes, scale=None, lengths=None):
-    poison_cuda_allocator(q.device.type)
+    poison_cuda_allocator(q.device.type, (*q.shape[:3], v.shape[3]))
     return centroidkv.attention(q, k, v, sizes, scale=scale, lengths=lengths)
 
 

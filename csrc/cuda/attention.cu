@@ -124,8 +124,13 @@ __device__ __forceinline__ int row_length(const Params& p, int b, bool* valid) {
 
 // One block: keys [split * chunk, (split + 1) * chunk) of KV head (b, h), query rows
 // tile * QT .. tile * QT + QT - 1 of the group (row r = g * Tq + t).
+// Up to 4 query rows: at most 128 registers, so 4 blocks (16 warps) per SM keep enough loads
+// in flight; 8 rows need about 230 registers and run 2 blocks per SM.
+template <int QT>
+constexpr int min_blocks_per_sm() { return QT <= 4 ? 4 : 2; }
+
 template <typename T, int D, int QT, int U>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<QT>())
 attention_split_kernel(const Params p) {
   constexpr int kVec = Vec16<T>::kElems;
   constexpr int kLanes = (D / kVec) < 32 ? (D / kVec) : 32;  // threads per K/V row
@@ -408,9 +413,10 @@ void choose_splits(int64_t base_blocks, int length, int keys_per_step, int slots
 
 template <typename T, int D, int QT>
 void launch(Params& p, const at::Tensor& q, int batch, cudaStream_t stream) {
-  constexpr int U = QT >= 8 ? 2 : 4;  // keys per group per step; fewer when QT fills registers
   constexpr int kVec = Vec16<T>::kElems;
   constexpr int kLanes = (D / kVec) < 32 ? (D / kVec) : 32;
+  // Keys per group per step: fewer where the rows or wide lanes (fp32, D=256) fill registers.
+  constexpr int U = (QT >= 8 || D > kLanes * kVec) ? 2 : 4;
   constexpr int kKeysPerStep = (kThreads / kLanes) * U;
   auto kernel = attention_split_kernel<T, D, QT, U>;
 
