@@ -22,7 +22,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LENGTHS = [1, 7, 97, 1025]
 HEAD_DIMS = [64, 128, 256, 80]  # 80: no specialised CUDA kernel, takes the generic path there
-GROUP_AND_QUERIES = [(1, 1), (4, 1), (7, 3), (4, 16)]  # (query heads per KV head, Tq)
+# (query heads per KV head, Tq): G*Tq = 1, 3, 2, 4, 21, 64 query rows per KV head, so every CUDA
+# row-tile width (1, 2, 4, 8) runs, with partly filled tiles and several tiles.
+GROUP_AND_QUERIES = [(1, 1), (1, 3), (2, 1), (4, 1), (7, 3), (4, 16)]
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
