@@ -98,8 +98,11 @@ def main() -> None:
                         help="full context L; the clustered cache holds L / 4 slots")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
     parser.add_argument("--json", default=None, help="write the results to this path")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = args.device, DTYPES[args.dtype]
     on_gpu = device == "cuda"
     batches = args.batch or ([1, 16] if on_gpu else [1])

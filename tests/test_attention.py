@@ -176,10 +176,13 @@ def test_empty_shapes(device):
 
 
 @requires_cuda
-def test_cuda_out_of_range_lengths_give_nan():
+@pytest.mark.parametrize("length", [50, 5000])  # one block per head / split keys + combine
+@pytest.mark.parametrize("bad", [-1, 1])
+def test_cuda_out_of_range_lengths_give_nan(length, bad):
     # The CUDA path cannot check values without a device sync; such rows come out NaN.
-    q, k, v, sizes = make_inputs("cuda", torch.bfloat16, length=50, dim=128)
-    out = centroidkv.attention(q, k, v, sizes, lengths=torch.tensor([51, 50], device="cuda"))
+    q, k, v, sizes = make_inputs("cuda", torch.bfloat16, length=length, dim=128)
+    lengths = torch.tensor([-1 if bad < 0 else length + 1, length], device="cuda")
+    out = centroidkv.attention(q, k, v, sizes, lengths=lengths)
     assert out[0].isnan().all() and not out[1].isnan().any()
 
 
