@@ -47,9 +47,9 @@ def torch_has_cuda():
 
 
 def extension():
-    cxx = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-fopenmp"]
     if os.environ.get("CENTROIDKV_DEBUG") == "1":
-        cxx = ["-O0", "-g", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+        cxx = ["-O0", "-g", "-fopenmp"]
     if cuda_available_for_build():
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         return cpp_extension.CUDAExtension(

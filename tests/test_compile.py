@@ -48,7 +48,8 @@ class _Compressor(torch.nn.Module):
 def test_export_with_dynamic_length():
     keys, values = _cache(96)
     sizes = torch.rand(2, 2, 96) + 0.5
-    length = torch.export.Dim("length", min=2, max=4096)
+    # Export treats sizes 0 and 1 specially, so the range starts where the output has >= 2 rows.
+    length = torch.export.Dim("length", min=64, max=4096)
     program = torch.export.export(
         _Compressor(), (keys, values, sizes),
         dynamic_shapes=({2: length}, {2: length}, {2: length}))
