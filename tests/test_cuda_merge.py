@@ -161,7 +161,9 @@ def test_non_contiguous(layout):
         if layout == "transposed":  # [B, L, H, D] memory
             return t.transpose(1, 2).contiguous().transpose(1, 2)
         if layout == "sliced":  # rows from the middle of a longer cache
-            return torch.cat([t, t], dim=2)[:, :, 3:3 + t.shape[2]]
+            longer = torch.zeros(*t.shape[:2], t.shape[2] + 5, t.shape[3], dtype=t.dtype, device=t.device)
+            longer[:, :, 3:3 + t.shape[2]] = t
+            return longer[:, :, 3:3 + t.shape[2]]
         if layout == "misaligned":  # row starts not 16-byte aligned
             padded = torch.zeros(*t.shape[:3], t.shape[3] + 1, dtype=t.dtype, device=t.device)
             padded[..., 1:] = t
