@@ -1,0 +1,43 @@
+"""Tiny CUDA match + merge runs for compute-sanitizer; every kernel path is taken once.
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        python benchmarks/cuda_sanitize.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/cuda_sanitize.py
+
+(No caching allocator under memcheck, so an access past an output's end is caught.)
+"""
+import torch
+
+import centroidkv  # noqa: F401  (loads the ops)
+
+
+def run(name, keys, values, sizes, c, r, metric=None):
+    slots = torch.ops.centroidkv.match(keys if metric is None else metric, c, r)
+    k, v, s = torch.ops.centroidkv.merge(keys, values, sizes, c, r, metric)
+    torch.cuda.synchronize()
+    assert slots.shape == keys.shape[:3] and k.shape[2] == s.shape[2]
+    print(f"{name}: ok ({tuple(k.shape)})")
+
+
+def main():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rand = lambda *shape, dtype=torch.float32: torch.randn(*shape, generator=g, device="cuda").to(dtype)
+    sizes = lambda *shape: torch.rand(*shape, generator=g, device="cuda") * 2
+    # Staged rows, 16-byte vector loads, keys as metric, tail of 5.
+    run("bf16 staged", rand(2, 3, 69, 128, dtype=torch.bfloat16), rand(2, 3, 69, 64, dtype=torch.bfloat16),
+        sizes(2, 3, 69), 32, 16)
+    # Separate metric of another dtype and an odd head dim (element-wise loads), no sizes.
+    run("fp32 + fp16 metric", rand(1, 3, 37, 64), rand(1, 3, 37, 33), None, 8, 3,
+        rand(1, 3, 37, 33, dtype=torch.float16))
+    # Misaligned, strided rows (element-wise staging).
+    base = rand(1, 2, 70, 65, dtype=torch.float16)
+    run("fp16 misaligned", base[..., 1:], base[..., 1:], None, 8, 4)
+    # Chunk too large to stage: rows read from global memory.
+    run("fp32 direct", rand(1, 1, 260, 256), rand(1, 1, 260, 256), sizes(1, 1, 260), 256, 128)
+    # Fewer tokens than a chunk, and an empty sequence.
+    run("short", rand(1, 2, 5, 64), rand(1, 2, 5, 64), None, 8, 4)
+    run("empty", rand(1, 2, 0, 64), rand(1, 2, 0, 64), None, 8, 4)
+
+
+if __name__ == "__main__":
+    main()
