@@ -1,4 +1,4 @@
-"""Tiny CUDA match + merge runs for compute-sanitizer; every kernel path is taken once.
+"""Tiny CUDA match, merge and attention runs for compute-sanitizer; every kernel path is taken once.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
         python benchmarks/cuda_sanitize.py
@@ -8,7 +8,7 @@
 """
 import torch
 
-import centroidkv  # noqa: F401  (loads the ops)
+import centroidkv
 
 
 def run(name, keys, values, sizes, c, r, metric=None):
@@ -37,6 +37,24 @@ def main():
     # Fewer tokens than a chunk, and an empty sequence.
     run("short", rand(1, 2, 5, 64), rand(1, 2, 5, 64), None, 8, 4)
     run("empty", rand(1, 2, 0, 64), rand(1, 2, 0, 64), None, 8, 4)
+
+    # Attention: one split (short cache), several splits + combine (long cache), prefill tiles,
+    # per-row lengths and masked slots, and the generic path (D = 80).
+    for name, (batch, hq, hkv, tq, length, dim, dtype) in {
+        "attn decode bf16": (2, 8, 2, 1, 300, 128, torch.bfloat16),
+        "attn split fp16": (1, 8, 2, 1, 20000, 64, torch.float16),
+        "attn prefill fp32": (1, 7, 1, 5, 97, 256, torch.float32),
+        "attn generic": (1, 4, 2, 2, 50, 80, torch.bfloat16),
+    }.items():
+        q = rand(batch, hq, tq, dim, dtype=dtype)
+        k, v = rand(batch, hkv, length, dim, dtype=dtype), rand(batch, hkv, length, dim, dtype=dtype)
+        slot_sizes = sizes(batch, hkv, length)
+        slot_sizes[..., ::3] = 0
+        lengths = torch.tensor([length - i for i in range(batch)], device="cuda")
+        out = centroidkv.attention(q, k, v, slot_sizes, lengths=lengths)
+        torch.cuda.synchronize()
+        assert out.shape == (batch, hq, tq, dim) and not out.isnan().any(), name
+        print(f"{name}: ok")
 
 
 if __name__ == "__main__":
