@@ -143,8 +143,8 @@ const float* metric_rows_fp32(const Rows& m, int64_t b, int64_t h, int64_t l0, i
 
 // The merge map of one chunk: s.slot[t] = output slot (0 .. c-r-1) of token t, from the chunk's
 // fp32 metric rows. Also fills s.start/s.members (each slot's tokens in token order).
-CENTROIDKV_SIMD_CLONES void match_chunk(const float* rows, int64_t row_stride, int64_t dim, int64_t c, int64_t r,
-                 Scratch& s) {
+CENTROIDKV_SIMD_CLONES void match_chunk(const float* rows, int64_t row_stride, int64_t dim,
+                                        int64_t c, int64_t r, Scratch& s) {
   const int64_t half = c / 2;
   for (int64_t t = 0; t < c; ++t) {
     const float* x = rows + t * row_stride;
@@ -240,18 +240,21 @@ MatchRows match_rows_for(at::ScalarType metric_dtype) {
 // Parallel loop over (batch, head, chunk); chunk index n (one past the last full chunk) stands
 // for the tail. Each worker range gets its own scratch.
 template <typename Body>
-void for_each_chunk(int64_t batch, int64_t heads, int64_t num_chunks, int64_t work_per_chunk,
-                    const Body& body) {
+void for_each_chunk(int64_t batch, int64_t heads, int64_t num_chunks, int64_t chunk_size,
+                    int64_t metric_dim, int64_t row_dims, const Body& body) {
   const int64_t per_bh = num_chunks + 1;
+  // Similarities cost (c/2)^2 Dm, moving rows c (Dk + Dv); aim for ~32k of that per task.
+  const int64_t work_per_chunk =
+      (chunk_size / 2) * (chunk_size / 2) * metric_dim + chunk_size * (row_dims + 1);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_chunk, 1));
   at::parallel_for(0, batch * heads * per_bh, grain, [&](int64_t begin, int64_t end) {
     body(begin, end, per_bh);
   });
 }
 
-// Output row `o_row` = size-weighted mean of the rows of `members` (fp32 accumulation in token
-// order, division by the total size; plain mean when the total is 0; a single member is copied
-// bit-exact).
+// out = size-weighted mean of the chunk rows listed in `members` (fp32 accumulation in token
+// order, then division by the total size; the plain mean when the total is 0). A single member
+// is copied bit-exact rather than rounded through s * x / s.
 template <typename scalar_t>
 void write_centroid(const Rows& x, int64_t b, int64_t h, int64_t l0, const int32_t* members,
                     int64_t count, const float* sizes, float total, scalar_t* out, float* acc) {
@@ -283,7 +286,7 @@ at::Tensor match_cpu(const at::Tensor& metric_in, int64_t chunk_size, int64_t nu
   const MatchRows match_rows_fn = match_rows_for(metric.scalar_type());
   const bool needs_copy = metric.scalar_type() != at::kFloat;
 
-  for_each_chunk(batch, heads, n, c * (m.dim + 1), [&](int64_t begin, int64_t end, int64_t per_bh) {
+  for_each_chunk(batch, heads, n, c, m.dim, 0, [&](int64_t begin, int64_t end, int64_t per_bh) {
     Scratch s(c, r, m.dim, needs_copy, 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bh = i / per_bh, j = i % per_bh, b = bh / heads, h = bh % heads;
@@ -330,8 +333,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "centroidkv_merge", [&] {
     scalar_t* ok = out_keys.data_ptr<scalar_t>();
     scalar_t* ov = out_values.data_ptr<scalar_t>();
-    for_each_chunk(batch, heads, n, c * (m.dim + dk + dv + 1), [&](int64_t begin, int64_t end,
-                                                                  int64_t per_bh) {
+    for_each_chunk(batch, heads, n, c, m.dim, dk + dv, [&](int64_t begin, int64_t end,
+                                                        int64_t per_bh) {
       Scratch s(c, r, m.dim, needs_copy, std::max(dk, dv));
       for (int64_t i = begin; i < end; ++i) {
         const int64_t bh = i / per_bh, j = i % per_bh, b = bh / heads, h = bh % heads;
