@@ -44,6 +44,9 @@ def parse_args():
     p.add_argument("--compile", action="store_true", help="also time torch.compile(reference.merge)")
     p.add_argument("--skip-reference", action="store_true", help="time the kernel only")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--clock", choices=["wall", "process"], default="wall",
+                   help="CPU only: 'process' times CPU seconds of all threads, a steadier "
+                        "figure than wall time on a machine shared with other work")
     p.add_argument("--json", metavar="PATH", help="write the results here")
     args = p.parse_args()
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
@@ -51,7 +54,7 @@ def parse_args():
     return args
 
 
-def median_ms(fn, device: str, repeat: int, warmup: int) -> float:
+def median_ms(fn, device: str, repeat: int, warmup: int, clock: str = "wall") -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -65,10 +68,11 @@ def median_ms(fn, device: str, repeat: int, warmup: int) -> float:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
     else:
+        now = time.process_time if clock == "process" else time.perf_counter
         for _ in range(repeat):
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append((now() - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -119,7 +123,8 @@ def main():
         baseline = None
         for name, fn in impls.items():
             with torch.no_grad():
-                ms = median_ms(lambda: fn(keys, values, sizes, c, r), device, args.repeat, args.warmup)
+                ms = median_ms(lambda: fn(keys, values, sizes, c, r), device, args.repeat,
+                               args.warmup, args.clock)
             baseline = ms if name == "reference" else baseline
             gbs = nbytes / (ms * 1e-3) / 1e9
             rows.append(dict(case=case, impl=name, ms=ms, gbs=gbs,
@@ -127,7 +132,8 @@ def main():
         for row in rows[-len(impls):]:
             row["speedup_vs_reference"] = baseline / row["ms"] if baseline else None
 
-    print(f"# {machine(device)}, torch {torch.__version__}"
+    clock = "process CPU time" if device == "cpu" and args.clock == "process" else "wall time"
+    print(f"# {machine(device)}, torch {torch.__version__}, median {clock}"
           + (f", copy bandwidth {copy_gbs:.0f} GB/s (read + write)" if copy_gbs else ""))
     header = f"{'case':<38} {'impl':<18} {'ms':>9} {'GB/s':>8} {'speedup':>8}"
     header += f" {'of copy':>8}" if copy_gbs else ""
