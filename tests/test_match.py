@@ -86,13 +86,14 @@ def test_random_nans_match_reference(device, c):
     metric[torch.rand(metric.shape, generator=gen) < 0.02] = float("nan")
     metric = metric.to(device)
     for r in (1, c // 2):
-        assert torch.equal(centroidkv.match(metric, c, r), reference.match(metric, c, r))
+        assert_map_matches_reference(centroidkv.match(metric, c, r), metric, c, r)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_zero_rows_and_ties_in_low_precision(device):
     # Zero rows have norm clamped to eps, so their cosine is 0 (not NaN); duplicated integer rows
-    # give exact ties in any dtype.
+    # give exact ties in any dtype (exact agreement required on CPU, which rounds like the
+    # reference; parallel but unequal rows may tie only up to rounding elsewhere).
     gen = torch.Generator().manual_seed(3)
     base = torch.randint(-3, 4, (1, 2, 64, 8), generator=gen).float()
     base[:, :, ::5] = 0
@@ -100,4 +101,4 @@ def test_zero_rows_and_ties_in_low_precision(device):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         metric = base.to(device, dtype)
         for r in (1, 4, 8):
-            assert torch.equal(centroidkv.match(metric, 16, r), reference.match(metric, 16, r))
+            assert_map_matches_reference(centroidkv.match(metric, 16, r), metric, 16, r)

@@ -195,3 +195,15 @@ def test_empty_and_short(device, shape):
         assert torch.equal(out_k, keys) and torch.equal(out_v, values)
         assert torch.equal(out_s, torch.ones_like(out_s))
     assert centroidkv.match(keys, 8, 4).shape == shape[:3]
+
+
+@pytest.mark.parametrize("c,r", [(1024, 512), (2048, 700)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunks_larger_than_usual(device, c, r):
+    gen = torch.Generator().manual_seed(c)
+    keys = torch.randn(2, 2, 2 * c + 52, 16, generator=gen).to(device)
+    values = torch.randn(2, 2, 2 * c + 52, 8, generator=gen).to(device)
+    assert_map_matches_reference(centroidkv.match(keys, c, r), keys, c, r)
+    for got, exp in zip(centroidkv.merge(keys, values, None, c, r),
+                        expected_merge(keys, values, None, c, r, None)):
+        torch.testing.assert_close(got, exp, **ulp_tolerance(torch.float32))

@@ -26,6 +26,14 @@ namespace {
 
 constexpr float kEps = 1e-6f;  // SPEC.md: norms are clamped to at least eps.
 
+// The similarity loops get an AVX2 clone picked at load time. Only the vector width changes (no
+// FMA contraction: "fma" is not enabled), so every clone rounds exactly alike.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define CENTROIDKV_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CENTROIDKV_SIMD_CLONES
+#endif
+
 // Strided view of one [B, H, L, D] tensor whose last dim is contiguous.
 struct Rows {
   const char* data;
@@ -47,53 +55,50 @@ Rows rows_of(const at::Tensor& t) {
               t.size(3), t.element_size()};
 }
 
-// 8 independent partial sums so the compiler vectorises without reordering one reduction.
-inline float dot(const float* x, const float* y, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int lane = 0; lane < 8; ++lane) acc[lane] += x[i + lane] * y[i + lane];
-  }
-  float tail = 0.f;
-  for (; i < n; ++i) tail += x[i] * y[i];
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+// Dot products keep 8 independent partial sums (one 8-float vector) and add them up in a fixed
+// order, so the result does not depend on the vector width the compiler picks.
+using Float8 = float __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline Float8 load8(const float* p) {
+  Float8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
 
-// Four dot products of x against y0..y3 at once: x is loaded once for four outputs.
-inline void dot4(const float* x, const float* y0, const float* y1, const float* y2,
-                 const float* y3, int64_t n, float* out) {
-  float a0[8] = {0.f}, a1[8] = {0.f}, a2[8] = {0.f}, a3[8] = {0.f};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int lane = 0; lane < 8; ++lane) {
-      const float xv = x[i + lane];
-      a0[lane] += xv * y0[i + lane];
-      a1[lane] += xv * y1[i + lane];
-      a2[lane] += xv * y2[i + lane];
-      a3[lane] += xv * y3[i + lane];
+__attribute__((always_inline)) inline float sum8(Float8 a) {
+  return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+}
+
+// out[i * NB + j] = <x_i, y_j> for NA rows x and NB rows y of length n: each loaded vector is
+// used NB (or NA) times, which keeps the loop on arithmetic rather than loads.
+template <int NA, int NB>
+__attribute__((always_inline)) inline void dot_block(const float* const* x, const float* const* y,
+                                                     int64_t n, float* out) {
+  Float8 acc[NA][NB];
+  for (int i = 0; i < NA; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = Float8{};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    Float8 xv[NA], yv[NB];
+    for (int i = 0; i < NA; ++i) xv[i] = load8(x[i] + d);
+    for (int j = 0; j < NB; ++j) yv[j] = load8(y[j] + d);
+    for (int i = 0; i < NA; ++i)
+      for (int j = 0; j < NB; ++j) acc[i][j] += xv[i] * yv[j];
+  }
+  for (int i = 0; i < NA; ++i) {
+    for (int j = 0; j < NB; ++j) {
+      float tail = 0.f;
+      for (int64_t e = d; e < n; ++e) tail += x[i][e] * y[j][e];
+      out[i * NB + j] = sum8(acc[i][j]) + tail;
     }
   }
-  float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
-  for (; i < n; ++i) {
-    t0 += x[i] * y0[i];
-    t1 += x[i] * y1[i];
-    t2 += x[i] * y2[i];
-    t3 += x[i] * y3[i];
-  }
-  auto sum = [](const float* a, float t) {
-    return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])) + t;
-  };
-  out[0] = sum(a0, t0);
-  out[1] = sum(a1, t1);
-  out[2] = sum(a2, t2);
-  out[3] = sum(a3, t3);
 }
 
 // Per-task buffers, sized by the chunk and head dims (any chunk size works).
 struct Scratch {
   std::vector<float> metric;   // c x Dm fp32 copy of a chunk's metric (non-fp32 metric only)
   std::vector<float> norms;    // c
-  std::vector<float> sims;     // 4 similarities from dot4
+  std::vector<float> dots;     // (c/2) x (c/2) A-to-B dot products
   std::vector<int32_t> best;   // c/2: best(a) as a B index
   std::vector<float> score;    // c/2
   std::vector<uint8_t> merged;  // c/2: whether source a merges
@@ -106,7 +111,7 @@ struct Scratch {
   Scratch(int64_t c, int64_t r, int64_t metric_dim, bool metric_needs_copy, int64_t row_dim)
       : metric(metric_needs_copy ? c * metric_dim : 0),
         norms(c),
-        sims(4),
+        dots((c / 2) * (c / 2)),
         best(c / 2),
         score(c / 2),
         merged(c / 2),
@@ -138,35 +143,48 @@ const float* metric_rows_fp32(const Rows& m, int64_t b, int64_t h, int64_t l0, i
 
 // The merge map of one chunk: s.slot[t] = output slot (0 .. c-r-1) of token t, from the chunk's
 // fp32 metric rows. Also fills s.start/s.members (each slot's tokens in token order).
-void match_chunk(const float* rows, int64_t row_stride, int64_t dim, int64_t c, int64_t r,
-                 Scratch& s) {
+CENTROIDKV_SIMD_CLONES void match_chunk(const float* rows, int64_t row_stride, int64_t dim,
+                                        int64_t c, int64_t r, Scratch& s) {
   const int64_t half = c / 2;
   for (int64_t t = 0; t < c; ++t) {
     const float* x = rows + t * row_stride;
-    s.norms[t] = std::max(std::sqrt(dot(x, x, dim)), kEps);
+    float sq;
+    dot_block<1, 1>(&x, &x, dim, &sq);
+    s.norms[t] = std::max(std::sqrt(sq), kEps);
   }
-  // sim(a, b) = <ka, kb> / (|ka| |kb|), exactly as the reference rounds it; NaN counts as -inf,
-  // so a source whose similarities are all NaN picks b = 0 with score -inf.
-  auto similarity = [&](float dot_ab, int64_t a, int64_t b) {
-    const float sim = dot_ab / (s.norms[2 * a] * s.norms[2 * b + 1]);
-    return std::isnan(sim) ? -std::numeric_limits<float>::infinity() : sim;
-  };
-  for (int64_t a = 0; a < half; ++a) {
-    const float* xa = rows + 2 * a * row_stride;
-    int32_t best = 0;
-    float best_sim = -std::numeric_limits<float>::infinity();
+  // dots[a * half + b] = <k_a, k_b>, in 2 x 4 blocks with 1-row / 1-column remainders.
+  auto src = [&](int64_t a) { return rows + 2 * a * row_stride; };
+  auto dst = [&](int64_t b) { return rows + (2 * b + 1) * row_stride; };
+  float* dots = s.dots.data();
+  float block[8];
+  int64_t a = 0;
+  for (; a < half; a += 2) {
+    const int na = a + 2 <= half ? 2 : 1;
+    const float* x[2] = {src(a), src(a + na - 1)};
     int64_t b = 0;
-    // Strict '>' keeps the first maximum: ties go to the smaller destination offset.
     for (; b + 4 <= half; b += 4) {
-      dot4(xa, rows + (2 * b + 1) * row_stride, rows + (2 * b + 3) * row_stride,
-           rows + (2 * b + 5) * row_stride, rows + (2 * b + 7) * row_stride, dim, s.sims.data());
-      for (int64_t k = 0; k < 4; ++k) {
-        const float sim = similarity(s.sims[k], a, b + k);
-        if (sim > best_sim) best_sim = sim, best = static_cast<int32_t>(b + k);
-      }
+      const float* y[4] = {dst(b), dst(b + 1), dst(b + 2), dst(b + 3)};
+      if (na == 2) dot_block<2, 4>(x, y, dim, block);
+      else dot_block<1, 4>(x, y, dim, block);
+      for (int i = 0; i < na; ++i)
+        for (int j = 0; j < 4; ++j) dots[(a + i) * half + b + j] = block[i * 4 + j];
     }
     for (; b < half; ++b) {
-      const float sim = similarity(dot(xa, rows + (2 * b + 1) * row_stride, dim), a, b);
+      const float* y[1] = {dst(b)};
+      if (na == 2) dot_block<2, 1>(x, y, dim, block);
+      else dot_block<1, 1>(x, y, dim, block);
+      for (int i = 0; i < na; ++i) dots[(a + i) * half + b] = block[i];
+    }
+  }
+  // sim(a, b) = <ka, kb> / (|ka| |kb|), rounded as the reference rounds it; NaN counts as -inf,
+  // so a source whose similarities are all NaN picks b = 0 with score -inf. Strict '>' keeps the
+  // first maximum: ties go to the smaller destination offset.
+  for (a = 0; a < half; ++a) {
+    int32_t best = 0;
+    float best_sim = -std::numeric_limits<float>::infinity();
+    for (int64_t b = 0; b < half; ++b) {
+      float sim = dots[a * half + b] / (s.norms[2 * a] * s.norms[2 * b + 1]);
+      if (std::isnan(sim)) sim = -std::numeric_limits<float>::infinity();
       if (sim > best_sim) best_sim = sim, best = static_cast<int32_t>(b);
     }
     s.best[a] = best;
@@ -175,7 +193,7 @@ void match_chunk(const float* rows, int64_t row_stride, int64_t dim, int64_t c, 
 
   // Source a merges iff fewer than r sources outrank it (higher score, or equal score and a
   // smaller offset): the top r of a stable descending sort.
-  for (int64_t a = 0; a < half; ++a) {
+  for (a = 0; a < half; ++a) {
     int64_t rank = 0;
     for (int64_t o = 0; o < half && rank < r; ++o) {
       rank += (s.score[o] > s.score[a]) || (s.score[o] == s.score[a] && o < a);
@@ -222,18 +240,21 @@ MatchRows match_rows_for(at::ScalarType metric_dtype) {
 // Parallel loop over (batch, head, chunk); chunk index n (one past the last full chunk) stands
 // for the tail. Each worker range gets its own scratch.
 template <typename Body>
-void for_each_chunk(int64_t batch, int64_t heads, int64_t num_chunks, int64_t work_per_chunk,
-                    const Body& body) {
+void for_each_chunk(int64_t batch, int64_t heads, int64_t num_chunks, int64_t chunk_size,
+                    int64_t metric_dim, int64_t row_dims, const Body& body) {
   const int64_t per_bh = num_chunks + 1;
+  // Similarities cost (c/2)^2 Dm, moving rows c (Dk + Dv); aim for ~32k of that per task.
+  const int64_t work_per_chunk =
+      (chunk_size / 2) * (chunk_size / 2) * metric_dim + chunk_size * (row_dims + 1);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_chunk, 1));
   at::parallel_for(0, batch * heads * per_bh, grain, [&](int64_t begin, int64_t end) {
     body(begin, end, per_bh);
   });
 }
 
-// Output row `o_row` = size-weighted mean of the rows of `members` (fp32 accumulation in token
-// order, division by the total size; plain mean when the total is 0; a single member is copied
-// bit-exact).
+// out = size-weighted mean of the chunk rows listed in `members` (fp32 accumulation in token
+// order, then division by the total size; the plain mean when the total is 0). A single member
+// is copied bit-exact rather than rounded through s * x / s.
 template <typename scalar_t>
 void write_centroid(const Rows& x, int64_t b, int64_t h, int64_t l0, const int32_t* members,
                     int64_t count, const float* sizes, float total, scalar_t* out, float* acc) {
@@ -265,7 +286,7 @@ at::Tensor match_cpu(const at::Tensor& metric_in, int64_t chunk_size, int64_t nu
   const MatchRows match_rows_fn = match_rows_for(metric.scalar_type());
   const bool needs_copy = metric.scalar_type() != at::kFloat;
 
-  for_each_chunk(batch, heads, n, c * (m.dim + 1), [&](int64_t begin, int64_t end, int64_t per_bh) {
+  for_each_chunk(batch, heads, n, c, m.dim, 0, [&](int64_t begin, int64_t end, int64_t per_bh) {
     Scratch s(c, r, m.dim, needs_copy, 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bh = i / per_bh, j = i % per_bh, b = bh / heads, h = bh % heads;
@@ -312,8 +333,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "centroidkv_merge", [&] {
     scalar_t* ok = out_keys.data_ptr<scalar_t>();
     scalar_t* ov = out_values.data_ptr<scalar_t>();
-    for_each_chunk(batch, heads, n, c * (m.dim + dk + dv + 1), [&](int64_t begin, int64_t end,
-                                                                  int64_t per_bh) {
+    for_each_chunk(batch, heads, n, c, m.dim, dk + dv, [&](int64_t begin, int64_t end,
+                                                        int64_t per_bh) {
       Scratch s(c, r, m.dim, needs_copy, std::max(dk, dv));
       for (int64_t i = begin; i < end; ++i) {
         const int64_t bh = i / per_bh, j = i % per_bh, b = bh / heads, h = bh % heads;
