@@ -24,6 +24,7 @@ fi
 step tests
 timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -ra --maxfail=20 -p no:cacheprovider \
   tests/test_cuda_merge.py tests/test_attention.py tests/test_merge.py tests/test_match.py \
+  tests/test_opcheck.py tests/test_bad_input.py tests/test_compile.py \
   -k "cuda" 2>&1 | tee "$OUT/tests.txt" | tail -40
 summary+=("tests: $(tail -1 "$OUT/tests.txt")")
 
@@ -38,7 +39,7 @@ if [ "${SANITIZE:-1}" = 1 ]; then
 fi
 
 step bench_merge
-timeout 120 $PY benchmarks/bench_merge.py --device cuda --json "$OUT/bench_merge.json" 2>&1 | tee "$OUT/bench_merge.txt"
+timeout 150 $PY benchmarks/bench_merge.py --device cuda --compile --repeat 100 --json "$OUT/bench_merge.json" 2>&1 | tee "$OUT/bench_merge.txt"
 step bench_attention
 timeout 150 $PY benchmarks/bench_attention.py --json "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench_attention.txt"
 
