@@ -58,7 +58,7 @@ def need_bytes(variant: str, shape, batch: int, context: int, args) -> tuple[int
         return held, held + layer * (shape.q_heads // shape.kv_heads)
     options = CentroidKVCache(ratio=ratio_of(variant)).options
     layout = common.centroidkv_layout(options, context)
-    held = shape.layers * batch * shape.kv_heads * layout.capacity * (2 * shape.head_dim * 2 + 4)
+    held = common.kv_bytes_centroidkv(shape, batch, layout.capacity)
     return held, held + held // shape.layers  # one layer's buffers may be reallocated
 
 
@@ -68,7 +68,7 @@ def read_bytes(variant: str, shape, batch: int, context: int) -> int:
         return common.kv_bytes_full(shape, batch, context)
     options = CentroidKVCache(ratio=ratio_of(variant)).options
     live = common.centroidkv_layout(options, context).live
-    return shape.layers * batch * shape.kv_heads * live * (2 * shape.head_dim * 2 + 4)
+    return common.kv_bytes_centroidkv(shape, batch, live)
 
 
 def make_cache(variant: str, model, shape, batch: int, context: int, args, device, dtype):
@@ -92,7 +92,7 @@ def ordered_points(batches, contexts) -> list[tuple[int, int]]:
 
 
 @torch.inference_mode()
-def run_decode(model, shape, args, device, dtype, deadline, weights: int) -> list[dict]:
+def run_decode(model, shape, args, device, dtype, deadline, weights: int, checkpoint=None) -> list[dict]:
     results = []
     variants = [v for v in variant_names(args.ratios) if v in (args.variants or variant_names(args.ratios))]
     for batch, context in ordered_points(args.batches, args.contexts):
@@ -109,6 +109,8 @@ def run_decode(model, shape, args, device, dtype, deadline, weights: int) -> lis
             else:
                 row.update(run_point(variant, model, shape, batch, context, args, device, dtype, weights))
             results.append(row)
+            if checkpoint:
+                checkpoint(results)
             if row["status"] == "ok":
                 log(f"  B={batch:<3} L={context:<7} {variant:<12} {row['ms_median']:9.2f} ms/step "
                     f"(mean {row['ms_mean']:.2f}, host {row['host_ms_median']:.2f}) "
@@ -223,6 +225,12 @@ def run_prefill(model, shape, args, device, dtype, deadline) -> dict:
 
 
 def print_table(payload: dict) -> None:
+    if payload["decode"]:
+        print_decode_table(payload)
+    print_prefill(payload.get("prefill"))
+
+
+def print_decode_table(payload: dict) -> None:
     log(f"\nDecode, {payload['env']['device']}: ms per step (B tokens per step); speedup of CentroidKV "
         f"vs stock and vs the best full cache; byte bound (W + KV_full) / (W + KV_ckv)")
     header = (f"{'B':>3} {'L':>7} {'r':>5} {'stock':>8} {'best full':>18} {'ckv':>8} {'x stock':>8} "
@@ -238,7 +246,11 @@ def print_table(payload: dict) -> None:
     skipped = [r for r in payload["decode"] if r["status"] != "ok"]
     for r in skipped:
         log(f"  not measured: B={r['batch']} L={r['context']} {r['variant']}: {r['status']} ({r.get('reason', '')})")
-    pre = payload.get("prefill")
+
+
+def print_prefill(pre) -> None:
+    if pre and not pre.get("median_ms"):
+        log(f"Prefill: {pre.get('status')} ({pre.get('reason', '')})")
     if pre and pre.get("median_ms"):
         log(f"Prefill B={pre['batch']} L={pre['context']}: " + ", ".join(
             f"{v} {ms:.1f} ms" for v, ms in pre["median_ms"].items()))
@@ -259,6 +271,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-batch", type=int, default=1)
     parser.add_argument("--prefill-reps", type=int, default=None)
     parser.add_argument("--no-prefill", action="store_true")
+    parser.add_argument("--no-decode", action="store_true", help="only the prefill measurement")
     parser.add_argument("--free-gb", type=float, default=None,
                         help="pretend this much memory is free (default: measured on CUDA, unlimited on CPU)")
     parser.add_argument("--deadline-s", type=float, default=None, help="start no new point after this")
@@ -285,18 +298,21 @@ def main(argv=None, model=None) -> dict:
     resolve_defaults(args)
     deadline = common.Deadline(args.deadline_s)
     device = common.pick_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = common.TINY if args.tiny else common.LLAMA3_8B
+    dtype = shape.dtype
     if model is None:
         log(f"building the model ({shape}) on {device} ...")
         model = common.build_model(shape, device, dtype, max(args.contexts + [args.prefill_context]) + 4096)
     weights = common.weight_bytes_read_per_step(model)
     log(f"{common.device_name(device)}: weights read per step {weights / GB:.2f} GB; "
         f"free {common.free_bytes(device, args.free_gb) / GB:.1f} GB")
-    decode = run_decode(model, shape, args, device, dtype, deadline, weights)
     payload = dict(env=common.environment(device), shape=shape.__dict__, dtype=str(dtype),
-                   weights_bytes_read=weights, args=vars(args), decode=decode,
-                   comparisons=compare(decode, shape, weights, args.ratios))
+                   weights_bytes_read=weights, args=vars(args), decode=[], comparisons=[])
+    if not args.no_decode:
+        # Written after every point too, so a run cut short keeps what it measured.
+        checkpoint = lambda rows: common.write_json(args.json, {**payload, "decode": rows, "partial": True})  # noqa: E731
+        payload["decode"] = run_decode(model, shape, args, device, dtype, deadline, weights, checkpoint)
+        payload["comparisons"] = compare(payload["decode"], shape, weights, args.ratios)
     if not args.no_prefill:
         log(f"prefill {args.prefill_context} tokens, B={args.prefill_batch} ...")
         payload["prefill"] = run_prefill(model, shape, args, device, dtype, deadline)

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import inspect
 import json
@@ -49,11 +50,17 @@ class Shape:
     head_dim: int
     intermediate: int
     vocab: int
+    dtype: torch.dtype
+
+    @property
+    def elem(self) -> int:
+        return torch.finfo(self.dtype).bits // 8
 
 
 LLAMA3_8B = Shape(layers=32, hidden=4096, q_heads=32, kv_heads=8, head_dim=128,
-                  intermediate=14336, vocab=128256)
-TINY = Shape(layers=2, hidden=64, q_heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=256)
+                  intermediate=14336, vocab=128256, dtype=torch.bfloat16)
+TINY = Shape(layers=2, hidden=64, q_heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=256,
+             dtype=torch.float32)
 
 
 def pick_device(requested: Optional[str]) -> torch.device:
@@ -104,9 +111,14 @@ def forward(model, tokens: torch.Tensor, cache):
 
 
 # ------------------------------------------------------------------------------- caches
-def kv_bytes_full(shape: Shape, batch: int, tokens: int, elem: int = 2) -> int:
+def kv_bytes_full(shape: Shape, batch: int, tokens: int) -> int:
     """Keys + values of `tokens` tokens for every layer and row (no sizes, no slack)."""
-    return 2 * shape.layers * batch * shape.kv_heads * tokens * shape.head_dim * elem
+    return 2 * shape.layers * batch * shape.kv_heads * tokens * shape.head_dim * shape.elem
+
+
+def kv_bytes_centroidkv(shape: Shape, batch: int, slots: int) -> int:
+    """Keys, values and float32 sizes of `slots` CentroidKVCache slots for every layer and row."""
+    return shape.layers * batch * shape.kv_heads * slots * (2 * shape.head_dim * shape.elem + 4)
 
 
 def compressed_length(tokens: int, ratio: float, chunk_size: int) -> int:
@@ -157,13 +169,19 @@ def centroidkv_layout(options, seen: int) -> Layout:
 
 
 def fill_centroidkv(cache: CentroidKVCache, shape: Shape, batch: int, seen: int,
-                    device, dtype) -> Layout:
+                    device, dtype, capacity: Optional[int] = None) -> Layout:
     """Puts every layer of an empty CentroidKVCache in the state of a prefill of `seen` tokens:
     random keys/values in the live slots, size 1 for exact tokens and the mean cluster size for
-    centroids (so every row's sizes sum to `seen`), per-row counters as the layer keeps them."""
+    centroids (so every row's sizes sum to `seen`), per-row counters as the layer keeps them.
+    `capacity` (slots) replaces the capacity a prefill leaves, e.g. to preallocate a full cache
+    for a whole request as a serving system would."""
     if cache.layers:
         raise ValueError("fill_centroidkv needs an empty cache")
     layout = centroidkv_layout(cache.options, seen)
+    if capacity is not None:
+        if capacity < layout.live:
+            raise ValueError(f"capacity {capacity} < live slots {layout.live}")
+        layout = dataclasses.replace(layout, capacity=_round_up(capacity))
     for _ in range(shape.layers):
         layer = CentroidKVLayer(cache.options)
         layer.device, layer.dtype = torch.device(device), dtype
