@@ -125,6 +125,7 @@ def run_point(variant, model, shape, batch, context, args, device, dtype, weight
     try:
         cache = make_cache(variant, model, shape, batch, context, args, device, dtype)
         held = common.cache_bytes(cache)
+        live = cache.live_slots(0)[0] if isinstance(cache, CentroidKVCache) else None
         tokens = torch.randint(shape.vocab, (batch, 1), device=device)
         timing = common.time_steps(device, lambda i: common.forward(model, tokens, cache),
                                    args.warmup, args.steps)
@@ -132,8 +133,8 @@ def run_point(variant, model, shape, batch, context, args, device, dtype, weight
         out = dict(status="ok", kv_bytes_held=held, bytes_read_per_step=moved,
                    gbs=moved / timing["ms_median"] / 1e6,
                    tokens_per_s=batch * 1e3 / timing["ms_median"], **timing)
-        if isinstance(cache, CentroidKVCache):
-            out["live_slots"] = cache.live_slots(0)[0]
+        if live is not None:  # per row and KV head, before and after the timed steps
+            out.update(live_slots=live, live_slots_end=cache.live_slots(0)[0])
         return out
     except Exception as error:  # noqa: BLE001 - one bad point must not end the run
         return dict(status="oom" if common.is_oom(error) else "error",

@@ -21,7 +21,9 @@ def plot(decode: dict, serving: dict | None, path: str) -> None:
     batches = sorted({r["batch"] for r in rows}) or [1]
     fig, axes = plt.subplots(2, max(len(batches), 2), figsize=(5 * max(len(batches), 2), 8.5), squeeze=False)
     device = decode.get("env", {}).get("device", "?")
-    fig.suptitle(f"Llama-3-8B-shaped decode, random bf16 weights, {device}")
+    shape = decode.get("shape", {})
+    fig.suptitle(f"decode, {shape.get('layers', '?')}-layer Llama shape (hidden {shape.get('hidden', '?')}), "
+                 f"random {decode.get('dtype', '?').replace('torch.', '')} weights, {device}")
 
     for ax, batch in zip(axes[0], batches):
         for variant in sorted({r["variant"] for r in rows}):
@@ -40,7 +42,7 @@ def plot(decode: dict, serving: dict | None, path: str) -> None:
 
     ax = axes[1][0]
     comps = [c for c in decode.get("comparisons", []) if "speedup_vs_best_full" in c]
-    labels = [f"B{c['batch']}\n{c['context'] // 1024}k\nr{c['ratio']:g}" for c in comps]
+    labels = [f"B{c['batch']}\nL{c['context']}\nr{c['ratio']:g}" for c in comps]
     xs = range(len(comps))
     ax.bar([x - 0.2 for x in xs], [c["speedup_vs_best_full"] for c in comps], width=0.4,
            label="vs best full cache", color="tab:red")
@@ -65,7 +67,7 @@ def plot(decode: dict, serving: dict | None, path: str) -> None:
         for i, (_, r) in enumerate(runs):
             ax.annotate(f"{r['batch']} seqs", (i, r["tokens_per_s"]), ha="center", va="bottom", fontsize=8)
         ax.set_ylabel("generated tokens / s")
-        ax.set_title(f"serving: {s['prompt'] // 1024}k prompts, KV budget {s['kv_budget_bytes'] / 1e9:.0f} GB")
+        ax.set_title(f"serving: {s['prompt']}-token prompts, KV budget {s['kv_budget_bytes'] / 1e9:.3g} GB")
     else:
         ax.axis("off")
     for extra in axes[1][2:]:
