@@ -43,7 +43,10 @@ def cache_kwarg(model) -> str:
 def teacher_forced_logits(model, cache, prompt, continuation, attention_mask=None):
     """Logits of the prefill's last token and of each decode step fed `continuation` [B, n]."""
     name = cache_kwarg(model)
-    out = model(prompt, attention_mask=attention_mask, use_cache=True, **{name: cache})
+    positions = None
+    if attention_mask is not None:  # as generate() does: positions count real tokens only
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = model(prompt, attention_mask=attention_mask, position_ids=positions, use_cache=True, **{name: cache})
     logits = [out.logits[:, -1]]
     mask = attention_mask
     for step in range(continuation.shape[1]):
