@@ -173,11 +173,23 @@ def compare(results: list[dict], shape, weights: int, ratios) -> list[dict]:
     return rows
 
 
-@torch.inference_mode()
 def run_prefill(model, shape, args, device, dtype, deadline) -> dict:
-    """Real prefill of --prefill-context tokens: clustering off vs on, and stock for scale."""
-    batch, context = args.prefill_batch, args.prefill_context
-    variants = ["stock", "ckv_off"] + [f"ckv_{r:g}" for r in args.ratios]
+    """Real prefill of --prefill-context tokens; if that runs out of memory, once more at a
+    quarter of the context (recorded, with the failure, under `fallback_from`)."""
+    out = run_prefill_at(args.prefill_context, model, shape, args, device, dtype, deadline)
+    if out["status"] == "oom" and args.prefill_context >= 4096:
+        log(f"  prefill at {args.prefill_context} ran out of memory; trying {args.prefill_context // 4}")
+        first = out
+        out = run_prefill_at(args.prefill_context // 4, model, shape, args, device, dtype, deadline)
+        out["fallback_from"] = {k: first[k] for k in ("context", "status", "reason")}
+    return out
+
+
+@torch.inference_mode()
+def run_prefill_at(context, model, shape, args, device, dtype, deadline) -> dict:
+    """Real prefill of `context` tokens: clustering off vs on, and stock for scale."""
+    batch = args.prefill_batch
+    variants = ["stock", "ckv_off"] + [f"ckv_{r:g}" for r in args.prefill_ratios]
     out = dict(batch=batch, context=context, reps=args.prefill_reps, times_ms={v: [] for v in variants})
     need = common.kv_bytes_full(shape, batch, context) * 2 + 8 * GB * (device.type == "cuda")
     free = common.free_bytes(device, args.free_gb)
@@ -203,7 +215,7 @@ def run_prefill(model, shape, args, device, dtype, deadline) -> dict:
     try:
         for rep in range(1 + args.prefill_reps):  # rep 0 warms up; variants interleaved against drift
             for variant in variants:
-                if deadline.passed(args.min_point_s):
+                if deadline.passed(min(args.min_point_s, 5.0)):
                     raise TimeoutError("deadline")
                 ms = once(variant)
                 if rep > 0:
@@ -271,6 +283,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-context", type=int, default=None)
     parser.add_argument("--prefill-batch", type=int, default=1)
     parser.add_argument("--prefill-reps", type=int, default=None)
+    parser.add_argument("--prefill-ratios", type=float, nargs="+", default=[0.75])
     parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--no-decode", action="store_true", help="only the prefill measurement")
     parser.add_argument("--free-gb", type=float, default=None,
