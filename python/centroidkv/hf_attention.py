@@ -74,6 +74,11 @@ def attend_torch(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float,
         out = torch.softmax(logits, -1).nan_to_num(0.0) @ v.float().repeat_interleave(group, 1)
         return out.to(q.dtype)
     if bias.shape[1] == 1:  # the same bias for every head: GQA-native SDPA, no copies
+        if group > 1 and queries > 1:
+            # With a mask, SDPA's fused CUDA kernels do not take enable_gqa: it would fall back to
+            # the math kernel, whose [B, Hq, Tq, L] scores do not fit at 32k tokens. Repeating
+            # the KV heads costs little next to a prefill's attention.
+            k, v, group = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=group > 1)
         return torch.where(visible, out, 0.0)
     # Per-KV-head bias: fold each group's query heads into the query axis of its KV head.

@@ -1,0 +1,90 @@
+"""Runs the whole end-to-end measurement on one GPU in about five minutes, one command:
+
+    PYTHONPATH=python python benchmarks/gpu_e2e.py --out "$OUT"
+
+Builds the Llama-3-8B-shaped model once, then: decode (bench_decode.py, no prefill), serving
+(bench_serving.py), the prefill clustering overhead (bench_decode.py --no-decode). Each part gets
+a share of --budget-s and stops starting new points when its share is spent; a point that runs
+out of memory or fails is recorded and the run goes on. Writes decode.json, serving.json,
+prefill.json and e2e.png under --out, and prints the tables last. --tiny runs the same on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import bench_decode  # noqa: E402
+import bench_serving  # noqa: E402
+import e2e_common as common  # noqa: E402
+from e2e_common import log  # noqa: E402
+
+PREFILL_SHARE_S, SERVING_SHARE_S, CLOSING_S = 45.0, 70.0, 15.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "e2e_out"))
+    parser.add_argument("--budget-s", type=float, default=285.0, help="whole run, model build included")
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+    start = time.monotonic()
+    left = lambda: args.budget_s - (time.monotonic() - start)  # noqa: E731
+    os.makedirs(args.out, exist_ok=True)
+    tiny = ["--tiny"] if args.tiny else []
+
+    shape = common.TINY if args.tiny else common.LLAMA3_8B
+    device = common.pick_device(None)
+    log(f"[{time.monotonic() - start:6.1f}s] {common.environment(device)}")
+    model = common.build_model(shape, device, shape.dtype, 131072 + 4096 if not args.tiny else 4096)
+    common.sync(device)
+    log(f"[{time.monotonic() - start:6.1f}s] model built")
+
+    payloads = {}
+    parts = [
+        ("decode", bench_decode, ["--no-prefill"], lambda: left() - PREFILL_SHARE_S - SERVING_SHARE_S - CLOSING_S),
+        ("serving", bench_serving, [], lambda: left() - PREFILL_SHARE_S - CLOSING_S),
+        ("prefill", bench_decode, ["--no-decode"], lambda: left() - CLOSING_S),
+    ]
+    for name, module, extra, share in parts:
+        path = os.path.join(args.out, f"{name}.json")
+        deadline = max(share(), 1.0)
+        log(f"[{time.monotonic() - start:6.1f}s] {name}: deadline {deadline:.0f} s")
+        try:
+            payloads[name] = module.main(tiny + extra + ["--deadline-s", f"{deadline:.0f}", "--json", path], model=model)
+        except Exception:  # noqa: BLE001 - the other parts still run
+            traceback.print_exc()
+            payloads[name] = None
+        common.release(device)
+
+    try:
+        import plot_e2e
+        if payloads.get("decode"):
+            plot_e2e.plot(payloads["decode"], payloads.get("serving"), os.path.join(args.out, "e2e.png"))
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+
+    summary = dict(elapsed_s=time.monotonic() - start, env=common.environment(device))
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    log(f"\n==== summary ({summary['elapsed_s']:.0f} s, {summary['env']['device']}) ====")
+    if payloads.get("decode"):
+        decode = dict(payloads["decode"])
+        if payloads.get("prefill"):
+            decode["prefill"] = payloads["prefill"].get("prefill")
+        bench_decode.print_table(decode)
+    if payloads.get("serving"):
+        bench_serving.print_table(payloads["serving"])
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+if __name__ == "__main__":
+    main()

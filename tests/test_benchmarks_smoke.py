@@ -1,0 +1,135 @@
+"""The end-to-end benchmarks run on the CPU with a tiny model, so they cannot rot between GPU runs.
+
+No speed is asserted: only that every script runs, writes the JSON fields the GPU run reports, and
+that the synthetic cache fill they time is the state a real prefill leaves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import e2e_common as common  # noqa: E402
+from centroidkv.cache import CentroidKVCache, CentroidKVLayer  # noqa: E402
+
+
+def run_script(script: str, *args: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{Path(script).stem}.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--tiny", *args, "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+# ------------------------------------------------------------- synthetic fill == real prefill
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75])
+@pytest.mark.parametrize("seen", [1, 67, 68, 131, 133, 500, 1027])
+@pytest.mark.parametrize("recent", [0, 64])
+def test_synthetic_fill_matches_real_prefill(ratio, seen, recent):
+    shape = common.Shape(**{**common.TINY.__dict__, "layers": 1})
+    batch = 2
+    real = CentroidKVCache(ratio=ratio, recent=recent)
+    layer = CentroidKVLayer(real.options)
+    keys = torch.randn(batch, shape.kv_heads, seen, shape.head_dim)
+    with torch.inference_mode():
+        layer.update(keys, torch.randn_like(keys))
+        layer.settle()
+    synthetic = CentroidKVCache(ratio=ratio, recent=recent)
+    layout = common.fill_centroidkv(synthetic, shape, batch, seen, "cpu", torch.float32)
+    fake = synthetic.layers[0]
+
+    assert fake.lengths == layer.lengths == [layout.live] * batch
+    assert fake.head_end == layer.head_end
+    assert fake.seen == layer.seen == seen
+    assert fake.capacity == layer.capacity == layout.capacity
+    assert fake.memory_bytes() == layer.memory_bytes()
+    assert fake._clustered_any == layer._clustered_any
+    assert torch.equal(fake.lengths_dev, layer.lengths_dev)
+    # Sizes: exact tokens 1, empty slots 0, and every (row, head) stands for all `seen` tokens
+    # (the real clusters differ in size, the synthetic ones are all the mean size).
+    torch.testing.assert_close(fake.sizes.sum(-1), layer.sizes.sum(-1))
+    assert torch.equal(fake.sizes[..., layout.live:], layer.sizes[..., layout.live:])
+    exact = [slice(0, layout.clustered_from), slice(layout.head_end, layout.live)]
+    for part in exact:
+        assert torch.equal(fake.sizes[..., part], layer.sizes[..., part])
+
+
+def test_synthetic_fill_decodes_like_a_cache():
+    """A filled cache takes further tokens through its normal update/settle path."""
+    shape = common.Shape(**{**common.TINY.__dict__, "layers": 1})
+    cache = CentroidKVCache(ratio=0.75)
+    layout = common.fill_centroidkv(cache, shape, 1, 700, "cpu", torch.float32)
+    layer = cache.layers[0]
+    token = torch.randn(1, shape.kv_heads, 1, shape.head_dim)
+    with torch.inference_mode():
+        for _ in range(200):
+            layer.update(token, token)
+            layer.settle()
+    assert layer.seen == 900
+    assert layer.lengths[0] < layout.live + 200  # blocks leaving the window were clustered
+    torch.testing.assert_close(layer.sizes.sum(-1), torch.full((1, shape.kv_heads), 900.0))
+
+
+# ---------------------------------------------------------------------------- the scripts
+def test_bench_decode_tiny(tmp_path):
+    # 0.0003 GB "free": the 256-token points fit, the 1024-token ones must be skipped.
+    data = run_script("bench_decode.py", "--contexts", "256", "1024", "--batches", "1", "--steps", "2",
+                      "--free-gb", "0.0003", "--prefill-context", "256", tmp_path=tmp_path)
+    rows = data["decode"]
+    assert {r["variant"] for r in rows} == {"stock", "static_sdpa", "inplace_op", "ckv_0.5", "ckv_0.75"}
+    for r in rows:
+        if r["context"] == 1024:
+            assert r["status"] == "skipped" and r["reason"].startswith("memory"), r
+            continue
+        assert r["status"] == "ok", r
+        for key in ("ms_median", "ms_mean", "host_ms_median", "tokens_per_s", "kv_bytes_held", "bytes_read_per_step"):
+            assert r[key] > 0, (key, r)
+    ckv = {r["variant"]: r for r in rows if r["context"] == 256}
+    # Live slots shrink with the ratio (held bytes need not at 256 tokens: the buffers are only
+    # reallocated smaller once they are 1.5x the live size).
+    assert ckv["ckv_0.75"]["live_slots"] < ckv["ckv_0.5"]["live_slots"] < ckv["inplace_op"]["live_slots"] == 256
+    comps = data["comparisons"]
+    assert {c["ratio"] for c in comps} == {0.5, 0.75}
+    for c in comps:
+        assert c["bound"] > 1 and c["speedup_vs_stock"] > 0 and c["speedup_vs_best_full"] > 0
+        assert c["best_full"] in ("static_sdpa", "inplace_op") and c["fraction_of_bound"] > 0
+    pre = data["prefill"]
+    assert pre["status"] == "ok", pre
+    assert set(pre["median_ms"]) == {"stock", "ckv_off", "ckv_0.75"}
+    assert all(ms > 0 for ms in pre["median_ms"].values())
+    assert set(pre["clustering_overhead"]) == {"ckv_0.75"}
+    assert data["weights_bytes_read"] > 0 and data["env"]["device"].startswith("CPU")
+
+
+def test_bench_serving_tiny(tmp_path):
+    data = run_script("bench_serving.py", tmp_path=tmp_path)
+    s = data["serving"]
+    assert s["sequences"]["full"] == 4  # the tiny budget holds 4 full sequences by construction
+    assert s["sequences"]["ckv_0.75"] > s["sequences"]["full"]
+    assert s["bytes_per_sequence"]["ckv_0.75"] < s["bytes_per_sequence"]["full"]
+    for variant in ("full_inplace", "ckv_0.75", "stock"):
+        r = s["runs"][variant]
+        assert r["status"] == "ok", r
+        assert r["ms_median"] > 0 and r["tokens_per_s"] > 0 and r["tokens_per_s_mean"] > 0
+        assert r["kv_bytes_held"] <= s["kv_budget_bytes"] * 1.05  # the in-place cache holds sizes too
+    assert s["runs"]["ckv_0.75"]["batch"] == s["sequences"]["ckv_0.75"]
+    assert s["throughput_vs_full_inplace"] > 0 and s["sequences_ratio"] > 1
+
+
+def test_deadline_skips_points(tmp_path):
+    data = run_script("bench_decode.py", "--contexts", "256", "--batches", "1", "--deadline-s", "0",
+                      "--min-point-s", "1", "--no-prefill", tmp_path=tmp_path)
+    assert data["decode"] and all(r["status"] == "skipped" and r["reason"] == "deadline" for r in data["decode"])
