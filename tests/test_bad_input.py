@@ -103,8 +103,8 @@ def test_requires_grad_is_a_clear_error_and_no_grad_works(device):
     keys = args["keys"].requires_grad_()
     with pytest.raises(RuntimeError, match="inference op and has no gradient"):
         centroidkv.merge(keys, args["values"], args["sizes"], 8, 4)
-    with pytest.raises(RuntimeError, match="inference op and has no gradient"):
-        centroidkv.match(keys, 8, 4)
+    # match returns an integer map, which has no gradient to get wrong: it simply works.
+    assert torch.equal(centroidkv.match(keys, 8, 4), centroidkv.match(keys.detach(), 8, 4))
     with torch.no_grad():
         out_k, _, _ = centroidkv.merge(keys, args["values"], args["sizes"], 8, 4)
         slots = centroidkv.match(keys, 8, 4)
