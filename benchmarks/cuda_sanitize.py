@@ -6,6 +6,8 @@
 
 (No caching allocator under memcheck, so an access past an output's end is caught.)
 """
+import os
+
 import torch
 
 import centroidkv
@@ -38,13 +40,24 @@ def main():
     run("short", rand(1, 2, 5, 64), rand(1, 2, 5, 64), None, 8, 4)
     run("empty", rand(1, 2, 0, 64), rand(1, 2, 0, 64), None, 8, 4)
 
-    # Attention: one split (short cache), several splits + combine (long cache), prefill tiles,
-    # per-row lengths and masked slots, and the generic path (D = 80).
+    # Attention, both key loops (v1 direct loads, v2 cp.async ring): one split (short cache),
+    # several splits + combine (long cache), prefill tiles, per-row lengths and masked slots,
+    # a cache shorter than one step, no sizes, and the generic path (D = 80).
+    for version in ("v1", "v2"):
+        os.environ["CENTROIDKV_ATTENTION_KERNEL"] = version
+        attention_cases(rand, sizes, version)
+    del os.environ["CENTROIDKV_ATTENTION_KERNEL"]
+
+
+def attention_cases(rand, sizes, version):
     for name, (batch, hq, hkv, tq, length, dim, dtype) in {
         "attn decode bf16": (2, 8, 2, 1, 300, 128, torch.bfloat16),
         "attn split fp16": (1, 8, 2, 1, 20000, 64, torch.float16),
         "attn prefill fp32": (1, 7, 1, 5, 97, 256, torch.float32),
         "attn generic": (1, 4, 2, 2, 50, 80, torch.bfloat16),
+        "attn shorter than a step bf16": (2, 8, 2, 1, 9, 128, torch.bfloat16),
+        "attn 8-row tile bf16": (2, 16, 2, 1, 700, 128, torch.bfloat16),
+        "attn fp32 D=256 split": (1, 4, 1, 1, 5000, 256, torch.float32),
     }.items():
         q = rand(batch, hq, tq, dim, dtype=dtype)
         k, v = rand(batch, hkv, length, dim, dtype=dtype), rand(batch, hkv, length, dim, dtype=dtype)
@@ -54,7 +67,14 @@ def main():
         out = centroidkv.attention(q, k, v, slot_sizes, lengths=lengths)
         torch.cuda.synchronize()
         assert out.shape == (batch, hq, tq, dim) and not out.isnan().any(), name
-        print(f"{name}: ok")
+        print(f"{name} ({version}): ok")
+    # No sizes (no size copies at all) on a split cache.
+    q = rand(1, 8, 1, 128, dtype=torch.bfloat16)
+    k, v = rand(1, 2, 3000, 128, dtype=torch.bfloat16), rand(1, 2, 3000, 128, dtype=torch.bfloat16)
+    out = centroidkv.attention(q, k, v, None)
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    print(f"attn no sizes ({version}): ok")
 
 
 if __name__ == "__main__":

@@ -186,6 +186,56 @@ def test_cuda_out_of_range_lengths_give_nan(length, bad):
     assert out[0].isnan().all() and not out[1].isnan().any()
 
 
+# CUDA has two key loops (v1: direct loads; v2, the default: cp.async ring in shared memory),
+# chosen per call by CENTROIDKV_ATTENTION_KERNEL. The tests above run the one the environment
+# selects; these run both in one session. Lengths: shorter than one step (32 keys for bf16
+# D=128 with 4 rows), a few steps (fewer than the ring holds, then more), and long enough to split.
+@requires_cuda
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("length", [5, 70, 300, 9001])
+@pytest.mark.parametrize("group,tq", [(1, 1), (4, 1), (7, 3)])
+@pytest.mark.parametrize("sizes_mode", ["given", "none", "with_zeros"])
+def test_cuda_kernel_versions(monkeypatch, version, dtype, dim, length, group, tq, sizes_mode):
+    monkeypatch.setenv("CENTROIDKV_ATTENTION_KERNEL", version)
+    q, k, v, sizes = make_inputs("cuda", dtype, group=group, tq=tq, length=length, dim=dim,
+                                 seed=length + dim + 13 * group)
+    if sizes_mode == "none":
+        sizes = None
+    elif sizes_mode == "with_zeros":
+        gen = torch.Generator().manual_seed(length)
+        sizes = sizes * (torch.rand(sizes.shape, generator=gen) > 0.5).float().cuda()
+        sizes[..., -1] = 1.0  # every query keeps a visible key
+    lengths = torch.tensor([length, max(tq, length - length // 3)], device="cuda")
+    out = run(q, k, v, sizes, lengths=lengths)
+    assert_close_to_reference(out, q, k, v, sizes, lengths=lengths)
+
+
+@requires_cuda
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_cuda_kernel_versions_strided_cache(monkeypatch, version):
+    # K and V as views into a larger cache (row strides larger than D), sizes strided too.
+    monkeypatch.setenv("CENTROIDKV_ATTENTION_KERNEL", version)
+    q, k, v, sizes = make_inputs("cuda", torch.bfloat16, group=4, length=3000, dim=128)
+    k_big = torch.randn(2, 2, 3100, 192, device="cuda", dtype=torch.bfloat16)
+    v_big = torch.randn(2, 2, 3100, 192, device="cuda", dtype=torch.bfloat16)
+    k_big[:, :, :3000, 64:] = k
+    v_big[:, :, :3000, 64:] = v
+    k, v = k_big[:, :, :3000, 64:], v_big[:, :, :3000, 64:]
+    sizes = torch.stack([sizes, sizes], -1)[..., 0]
+    out = run(q, k, v, sizes)
+    assert_close_to_reference(out, q, k, v, sizes)
+
+
+@requires_cuda
+def test_cuda_kernel_version_must_be_known(monkeypatch):
+    monkeypatch.setenv("CENTROIDKV_ATTENTION_KERNEL", "v9")
+    q, k, v, sizes = make_inputs("cuda", torch.bfloat16, length=40, dim=128)
+    with pytest.raises(RuntimeError, match="CENTROIDKV_ATTENTION_KERNEL"):
+        centroidkv.attention(q, k, v, sizes)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     samples = [
