@@ -21,8 +21,17 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   summary+=("build: $((SECONDS - start)) s")
 fi
 
+step repro_num_merge
+timeout 60 $PY benchmarks/repro_num_merge.py > "$OUT/repro_num_merge.txt" 2>&1
+rc=$?; tail -3 "$OUT/repro_num_merge.txt"; summary+=("repro_num_merge: rc=$rc")
+if [ $rc != 0 ]; then  # native backtrace of the crash
+  DBG=$(command -v cuda-gdb || command -v gdb || echo /usr/local/cuda/bin/cuda-gdb)
+  timeout 120 "$DBG" -batch -ex run -ex bt --args $PY benchmarks/repro_num_merge.py > "$OUT/repro_backtrace.txt" 2>&1
+  tail -40 "$OUT/repro_backtrace.txt"
+fi
+
 step tests
-timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -ra --maxfail=20 -p no:cacheprovider \
+timeout "${TEST_TIMEOUT:-400}" $PY -m pytest -q -ra --maxfail=20 -p no:cacheprovider \
   tests/test_cuda_merge.py tests/test_attention.py tests/test_merge.py tests/test_match.py \
   tests/test_opcheck.py tests/test_bad_input.py tests/test_compile.py \
   -k "cuda" 2>&1 | tee "$OUT/tests.txt" | tail -40
@@ -39,7 +48,7 @@ if [ "${SANITIZE:-1}" = 1 ]; then
 fi
 
 step bench_merge
-timeout 150 $PY benchmarks/bench_merge.py --device cuda --compile --repeat 100 --json "$OUT/bench_merge.json" 2>&1 | tee "$OUT/bench_merge.txt"
+timeout 150 $PY benchmarks/bench_merge.py --device cuda --compile --kernels v1 v2 --inner 10 --repeat 30 --json "$OUT/bench_merge.json" 2>&1 | tee "$OUT/bench_merge.txt"
 step bench_attention
 timeout 150 $PY benchmarks/bench_attention.py --json "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench_attention.txt"
 
