@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -39,6 +40,11 @@ def parse_args():
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--merge", type=int, default=16)
     p.add_argument("--sizes", action="store_true", help="pass random sizes (default: None = ones)")
+    p.add_argument("--kernels", nargs="+", default=["v2"], choices=["v1", "v2"],
+                   help="CUDA: merge kernel versions to time side by side (CENTROIDKV_MERGE_KERNEL)")
+    p.add_argument("--inner", type=int, default=1,
+                   help="calls per timed sample, back to back; >1 hides the host's per-call "
+                        "overhead behind the GPU work (CUDA: time per call = sample / inner)")
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(reference.merge)")
@@ -54,7 +60,13 @@ def parse_args():
     return args
 
 
-def median_ms(fn, device: str, repeat: int, warmup: int, clock: str = "wall") -> float:
+def median_ms(fn, device: str, repeat: int, warmup: int, clock: str = "wall", inner: int = 1) -> float:
+    if inner > 1:
+        one = fn
+
+        def fn():
+            for _ in range(inner):
+                one()
     for _ in range(warmup):
         fn()
     times = []
@@ -66,13 +78,13 @@ def median_ms(fn, device: str, repeat: int, warmup: int, clock: str = "wall") ->
             fn()
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / inner)
     else:
         now = time.process_time if clock == "process" else time.perf_counter
         for _ in range(repeat):
             t0 = now()
             fn()
-            times.append((now() - t0) * 1e3)
+            times.append((now() - t0) * 1e3 / inner)
     return statistics.median(times)
 
 
@@ -102,7 +114,14 @@ def main():
         torch.set_num_threads(args.threads)
     device, dtype, c, r = args.device, DTYPES[args.dtype], args.chunk, args.merge
     copy_gbs = copy_bandwidth_gbs(device, args.repeat) if device == "cuda" else None
-    impls = {"centroidkv": centroidkv.merge}
+    def kernel(version):
+        def merge(*a):
+            os.environ["CENTROIDKV_MERGE_KERNEL"] = version  # read by the op at every call
+            return centroidkv.merge(*a)
+        return merge
+
+    versions = args.kernels if device == "cuda" else ["v2"]
+    impls = {("centroidkv" if len(versions) == 1 else f"centroidkv {v}"): kernel(v) for v in versions}
     if not args.skip_reference:
         impls["reference"] = reference.merge
         if args.compile:
@@ -124,7 +143,7 @@ def main():
         for name, fn in impls.items():
             with torch.no_grad():
                 ms = median_ms(lambda: fn(keys, values, sizes, c, r), device, args.repeat,
-                               args.warmup, args.clock)
+                               args.warmup, args.clock, args.inner)
             baseline = ms if name == "reference" else baseline
             gbs = nbytes / (ms * 1e-3) / 1e9
             rows.append(dict(case=case, impl=name, ms=ms, gbs=gbs,
@@ -133,6 +152,7 @@ def main():
             row["speedup_vs_reference"] = baseline / row["ms"] if baseline else None
 
     clock = "process CPU time" if device == "cpu" and args.clock == "process" else "wall time"
+    clock += f" per call, {args.inner} calls back to back per sample" if args.inner > 1 else ""
     print(f"# {machine(device)}, torch {torch.__version__}, median {clock}"
           + (f", copy bandwidth {copy_gbs:.0f} GB/s (read + write)" if copy_gbs else ""))
     header = f"{'case':<38} {'impl':<18} {'ms':>9} {'GB/s':>8} {'speedup':>8}"

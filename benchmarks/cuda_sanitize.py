@@ -12,12 +12,21 @@ import torch
 
 import centroidkv
 
+MERGE_KERNELS = ["v1", "v2"]  # CENTROIDKV_MERGE_KERNEL values: every merge case runs under each
+
 
 def run(name, keys, values, sizes, c, r, metric=None):
     slots = torch.ops.centroidkv.match(keys if metric is None else metric, c, r)
-    k, v, s = torch.ops.centroidkv.merge(keys, values, sizes, c, r, metric)
-    torch.cuda.synchronize()
-    assert slots.shape == keys.shape[:3] and k.shape[2] == s.shape[2]
+    first = None
+    for version in MERGE_KERNELS:
+        os.environ["CENTROIDKV_MERGE_KERNEL"] = version
+        k, v, s = torch.ops.centroidkv.merge(keys, values, sizes, c, r, metric)
+        torch.cuda.synchronize()
+        assert slots.shape == keys.shape[:3] and k.shape[2] == s.shape[2]
+        if first is None:
+            first = (k, v, s)
+        else:  # the versions agree bit for bit
+            assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(first, (k, v, s))), name
     print(f"{name}: ok ({tuple(k.shape)})")
 
 
@@ -39,6 +48,13 @@ def main():
     # Fewer tokens than a chunk, and an empty sequence.
     run("short", rand(1, 2, 5, 64), rand(1, 2, 5, 64), None, 8, 4)
     run("empty", rand(1, 2, 0, 64), rand(1, 2, 0, 64), None, 8, 4)
+    # Unit sizes with a power-of-two and other totals, zero-size clusters, fp32 D = 1024 (more
+    # 16-byte vectors per row than threads per block).
+    unit = torch.ones(2, 3, 69, device="cuda")
+    unit[..., ::5] = 0
+    run("unit and zero sizes", rand(2, 3, 69, 64, dtype=torch.float16), rand(2, 3, 69, 96, dtype=torch.float16),
+        unit, 32, 16)
+    run("fp32 D1024", rand(1, 2, 20, 1024), rand(1, 2, 20, 1024), None, 8, 4)
 
     # Attention, both key loops (v1 direct loads, v2 cp.async ring): one split (short cache),
     # several splits + combine (long cache), prefill tiles, per-row lengths and masked slots,
