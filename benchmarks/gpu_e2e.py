@@ -26,7 +26,8 @@ import bench_serving  # noqa: E402
 import e2e_common as common  # noqa: E402
 from e2e_common import log  # noqa: E402
 
-PREFILL_SHARE_S, SERVING_SHARE_S, CLOSING_S = 45.0, 70.0, 15.0
+# Shares of --budget-s after the model is built; the rest goes to decode.
+PREFILL_SHARE, SERVING_SHARE, CLOSING_S = 0.2, 0.25, 10.0
 
 
 def main() -> None:
@@ -48,9 +49,10 @@ def main() -> None:
     log(f"[{time.monotonic() - start:6.1f}s] model built")
 
     payloads = {}
+    prefill_s, serving_s = PREFILL_SHARE * left(), SERVING_SHARE * left()
     parts = [
-        ("decode", bench_decode, ["--no-prefill"], lambda: left() - PREFILL_SHARE_S - SERVING_SHARE_S - CLOSING_S),
-        ("serving", bench_serving, [], lambda: left() - PREFILL_SHARE_S - CLOSING_S),
+        ("decode", bench_decode, ["--no-prefill"], lambda: left() - prefill_s - serving_s - CLOSING_S),
+        ("serving", bench_serving, [], lambda: left() - prefill_s - CLOSING_S),
         ("prefill", bench_decode, ["--no-decode"], lambda: left() - CLOSING_S),
     ]
     for name, module, extra, share in parts:

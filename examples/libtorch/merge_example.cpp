@@ -21,7 +21,8 @@ int main(int argc, char** argv) {
                               const std::optional<at::Tensor>&)>();
   auto [k, v, sizes] = merge.call(keys, values, std::nullopt, chunk, num_merge, std::nullopt);
   // Proportional attention relies on these two staying put.
-  const double size_error = (sizes.sum() - double(length)).abs().item<double>();
+  const double size_error =
+      (sizes.sum() - double(keys.size(0) * keys.size(1) * length)).abs().item<double>();
   const double value_error =
       ((sizes.unsqueeze(-1) * v).sum(2) - values.sum(2)).abs().max().item<double>();
   std::cout << "tokens " << length << " -> " << k.size(2) << "; size sum error " << size_error
