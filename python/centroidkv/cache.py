@@ -31,12 +31,17 @@ holds its live slots left-aligned in [0, lengths[b]):
 - Memory: after clustering, a buffer much larger than needed is reallocated to the live size plus
   one block of headroom, so memory is really freed; growth is geometric (amortised in-place
   appends). `memory_bytes()` reports what the buffers hold.
+- Decode steps: while every row has the same length (no padding), an update is a slice write of
+  the new keys, values and sizes and O(1) Python; settle decides from one integer (tokens left
+  before any row has a whole block past its window or exceeds its budget) that there is nothing
+  to do. Such steps make no host-device synchronisation; tests/test_decode_path.py checks that.
 - Sliding-window layers (Gemma-3's local layers, Mistral/Qwen2 with a window): never clustered;
   they keep their window exact and drop tokens older than the window (in steps of one chunk), as
   transformers' sliding cache does. The attention implementation tells the layer its window.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from dataclasses import dataclass
@@ -76,7 +81,7 @@ class CacheOptions:
     recent: int
     policy: Policy
 
-    @property
+    @functools.cached_property  # read on every decode step; computed once
     def block(self) -> int:
         return self.policy.block_size(self.ratio, self.chunk_size)
 
