@@ -31,12 +31,17 @@ holds its live slots left-aligned in [0, lengths[b]):
 - Memory: after clustering, a buffer much larger than needed is reallocated to the live size plus
   one block of headroom, so memory is really freed; growth is geometric (amortised in-place
   appends). `memory_bytes()` reports what the buffers hold.
+- Decode steps: while every row has the same length (no padding), an update is a slice write of
+  the new keys, values and sizes and O(1) Python; settle decides from one integer (tokens left
+  before any row has a whole block past its window or exceeds its budget) that there is nothing
+  to do. Such steps make no host-device synchronisation; tests/test_decode_path.py checks that.
 - Sliding-window layers (Gemma-3's local layers, Mistral/Qwen2 with a window): never clustered;
   they keep their window exact and drop tokens older than the window (in steps of one chunk), as
   transformers' sliding cache does. The attention implementation tells the layer its window.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from dataclasses import dataclass
@@ -76,7 +81,7 @@ class CacheOptions:
     recent: int
     policy: Policy
 
-    @property
+    @functools.cached_property  # read on every decode step; computed once
     def block(self) -> int:
         return self.policy.block_size(self.ratio, self.chunk_size)
 
@@ -107,14 +112,54 @@ class CentroidKVLayer(CacheLayerMixin):
         self.keys = self.values = self.sizes = self.scores = None
         self.is_initialized = False
         self.seen = 0  # token columns seen: the uncompressed length
-        self.lengths: list[int] = []  # live slots per row
+        # Live slots per row: `_lengths` plus `_appended` (decode steps add to every row, which
+        # then costs one integer add instead of a pass over the rows). See the `lengths` property.
+        self._lengths: list[int] = []
+        self._appended = 0
+        self._max_len = 0  # max(lengths), kept up to date in O(1)
+        self._uniform = True  # every row holds the same number of slots
+        self._lengths_dev: Optional[Tensor] = None  # lengths on the device; None: rebuild on demand
+        # Tokens that can still be appended to every row before `settle` has work to do (a block
+        # to cluster, a budget to enforce); negative: check every row at the next settle.
+        self._quiet = -1
         self.head_end: list[int] = []  # end of [sink | clustered] per row
-        self.lengths_dev: Optional[Tensor] = None
         self._fresh = 0  # tokens appended by the last update
         self._dirty = False  # appended but not yet settled
         self._has_padding = False
         self._warned = False
         self._clustered_any = False  # until then every head has the same sizes (0/1 by padding)
+
+    # ----------------------------------------------------------------------------- lengths
+    @property
+    def lengths(self) -> list[int]:
+        """Live slots per row (a list of ints; assign a new list to change it)."""
+        if self._appended:
+            self._lengths = [n + self._appended for n in self._lengths]
+            self._appended = 0
+        return self._lengths
+
+    @lengths.setter
+    def lengths(self, value) -> None:
+        self._lengths, self._appended = [int(n) for n in value], 0
+        self._max_len = max(self._lengths, default=0)
+        self._uniform = min(self._lengths, default=0) == self._max_len
+        self._lengths_dev = None
+        self._quiet = -1
+
+    @property
+    def lengths_dev(self) -> Optional[Tensor]:
+        """Live slots per row as an int64 tensor on the cache's device."""
+        if self._lengths_dev is None and self.is_initialized:
+            if self._uniform:  # a fill on the device, no host-to-device copy
+                self._lengths_dev = torch.full((len(self._lengths),), self._max_len, dtype=torch.int64,
+                                               device=self.device)
+            else:
+                self._lengths_dev = torch.tensor(self.lengths, dtype=torch.int64, device=self.device)
+        return self._lengths_dev
+
+    @lengths_dev.setter
+    def lengths_dev(self, value: Optional[Tensor]) -> None:
+        self._lengths_dev = value
 
     # ----------------------------------------------------------------------------- buffers
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -122,9 +167,8 @@ class CentroidKVLayer(CacheLayerMixin):
         batch = key_states.shape[0]
         self._allocate(batch, key_states.shape[1], key_states.shape[3], value_states.shape[3],
                        _round_up(key_states.shape[2] + self.options.block))
-        self.lengths, self.head_end = [0] * batch, [0] * batch
-        self.lengths_dev = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self.is_initialized = True
+        self.lengths, self.head_end = [0] * batch, [0] * batch
 
     def _allocate(self, batch, heads, key_dim, value_dim, capacity):
         # Zero-filled, not empty: slots past a row's length are read (with size 0) and must be
@@ -145,7 +189,7 @@ class CentroidKVLayer(CacheLayerMixin):
 
     def _resize(self, capacity: int) -> None:
         old = self._buffers()
-        used = max(self.lengths, default=0)
+        used = self._max_len
         batch, heads = self.keys.shape[:2]
         self._allocate(batch, heads, self.keys.shape[3], self.values.shape[3], capacity)
         for new, prev in zip(self._buffers(), old):
@@ -171,15 +215,16 @@ class CentroidKVLayer(CacheLayerMixin):
         batch, _, new, _ = key_states.shape
         if batch != self.keys.shape[0]:
             raise ValueError(f"CentroidKVCache: batch size {batch} differs from the cache's {self.keys.shape[0]}")
-        used = max(self.lengths)
+        used = self._max_len
         if used + new > self.capacity:
             self._resize(max(_round_up(used + new + self.options.block), _round_up(self.capacity * 5 // 4)))
-        if min(self.lengths) == used:  # every row at the same length: plain slices
-            for buf, data in ((self.keys, key_states), (self.values, value_states)):
-                buf[:, :, used:used + new].copy_(data)
-            self.sizes[:, :, used:used + new] = 1.0
+        if self._uniform:  # every row at the same length: plain slices, O(1) Python
+            self.keys[:, :, used:used + new].copy_(key_states)
+            self.values[:, :, used:used + new].copy_(value_states)
+            self.sizes[:, :, used:used + new].fill_(1.0)
             if self.scores is not None:
-                self.scores[:, :, used:used + new] = 0.0
+                self.scores[:, :, used:used + new].fill_(0.0)
+            self._lengths_dev = None  # not needed by the attention while rows are alike
         else:
             index = self.lengths_dev[:, None] + torch.arange(new, device=self.device)  # [B, new]
             for buf, data in ((self.keys, key_states), (self.values, value_states)):
@@ -188,20 +233,23 @@ class CentroidKVLayer(CacheLayerMixin):
             self.sizes.scatter_(2, per_slot, 1.0)
             if self.scores is not None:
                 self.scores.scatter_(2, per_slot, 0.0)
-        self.lengths = [n + new for n in self.lengths]
-        self.lengths_dev += new
+            self.lengths_dev.add_(new)  # in place on the device
+        self._appended += new
+        self._max_len += new
+        self._quiet -= new
         self.seen += new
         self._fresh, self._dirty = new, True
-        view = max(self.lengths)
+        view = self._max_len
         keys, values = self.keys[:, :, :view], self.values[:, :, :view]
         _ACTIVE.layer, _ACTIVE.keys = self, keys
         return keys, values
 
     # ------------------------------------------------ calls from the attention implementation
     def attention_inputs(self) -> tuple[Tensor, Tensor, bool]:
-        """(sizes [B, H, L], lengths [B], whether all heads' sizes are alike) for the views
-        returned by the last update."""
-        return self.sizes[:, :, :max(self.lengths)], self.lengths_dev, not self._clustered_any
+        """(sizes [B, H, L], lengths [B] or None when every row holds all L slots, whether all
+        heads' sizes are alike) for the views returned by the last update."""
+        lengths = None if self._uniform else self.lengths_dev
+        return self.sizes[:, :, :self._max_len], lengths, not self._clustered_any
 
     def mark_sliding(self, window: int) -> None:
         self.sliding_window, self.is_sliding = int(window), True
@@ -209,14 +257,15 @@ class CentroidKVLayer(CacheLayerMixin):
     def mark_padding(self, new_token_mask: Tensor) -> None:
         """new_token_mask [B, fresh]: 0 for padding among the tokens of the last update."""
         new = self._fresh
-        mask = new_token_mask[:, -new:].to(device=self.device, dtype=torch.float32)
-        used = max(self.lengths)
-        if min(self.lengths) == used:
-            self.sizes[:, :, used - new:used] *= mask[:, None, :]
+        # No dtype conversion: multiplying float sizes by an integer or bool mask promotes to float.
+        mask = new_token_mask[:, -new:].to(device=self.device)
+        used = self._max_len
+        if self._uniform:
+            self.sizes[:, :, used - new:used].mul_(mask[:, None, :])
         else:
             index = (self.lengths_dev[:, None] - new + torch.arange(new, device=self.device))
             index = index[:, None, :].expand(-1, self.sizes.shape[1], -1)
-            self.sizes.scatter_(2, index, self.sizes.gather(2, index) * mask[:, None, :])
+            self.sizes.scatter_(2, index, self.sizes.gather(2, index) * mask[:, None, :].float())
         if new > 1:  # one sync, only for multi-token steps (prefill): padding is dropped in settle
             self._has_padding = self._has_padding or not bool(mask.all())
 
@@ -240,14 +289,33 @@ class CentroidKVLayer(CacheLayerMixin):
             self._drop_padding()
             self._has_padding = False
         if self.sliding_window is not None:
-            self._trim_to_window()
-        elif self.options.clusters:
+            # Cheap check first: no row is trimmed unless the longest one is.
+            if self._max_len - (self.sliding_window - 1) >= self.options.chunk_size:
+                self._trim_to_window()
+        elif self.options.clusters and self._quiet < 0:  # else no row has anything to cluster
             self._cluster_overflow()
             if self.options.budget is not None:
                 self._enforce_budget()
-        target = _round_up(max(self.lengths) + self.options.block + 1)
+            self._quiet = self._quiet_tokens()
+        if not self._uniform and self._lengths_dev is None:
+            _ = self.lengths_dev  # rebuild on this step, which already did work, not the next one
+        target = _round_up(self._max_len + self.options.block + 1)
         if self.capacity > target * 3 // 2:
             self._resize(target)
+
+    def _quiet_tokens(self) -> int:
+        """How many tokens every row can take before `settle` has work again (the clustering and
+        budget rules below, solved for the number of appended tokens)."""
+        opts = self.options
+        quiet = None
+        for length, head in zip(self.lengths, self.head_end):
+            if length < opts.sink:  # head_end still follows the length into the sink
+                return 0
+            row = head + opts.recent + opts.block - 1 - length  # a whole block past the window
+            if opts.budget is not None and head - opts.sink >= opts.chunk_size:
+                row = min(row, max(opts.budget - length, 0))  # over budget with a region to shrink
+            quiet = row if quiet is None else min(quiet, row)
+        return -1 if quiet is None else quiet
 
     def _cluster_overflow(self) -> None:
         opts = self.options
@@ -301,7 +369,7 @@ class CentroidKVLayer(CacheLayerMixin):
 
     def _drop_padding(self) -> None:
         """Moves every row's live slots (size > 0) to the front, in order."""
-        used = max(self.lengths)
+        used = self._max_len
         live = self.sizes[:, 0, :used] > 0  # padding is per row, the same for every head
         order = torch.argsort((~live).to(torch.int8), dim=1, stable=True)
         for buf in self._buffers():
@@ -309,10 +377,9 @@ class CentroidKVLayer(CacheLayerMixin):
             if buf.dim() == 4:
                 index = index[..., None].expand(-1, -1, -1, buf.shape[3])
             buf[:, :, :used] = buf[:, :, :used].gather(2, index)
-        counts = live.cumsum(1)
+        counts = live.cumsum(1).cpu()  # one device-to-host copy (prefill with padding only)
         self.head_end = [int(counts[row, end - 1]) if end > 0 else 0 for row, end in enumerate(self.head_end)]
         self.lengths = counts[:, -1].tolist()  # padding (size 0) now sits past each row's length
-        self.lengths_dev = torch.tensor(self.lengths, dtype=torch.int64, device=self.device)
 
     # ------------------------------------------------------------------ row-group slot moves
     def _rows(self, rows: list[int]):
@@ -345,9 +412,10 @@ class CentroidKVLayer(CacheLayerMixin):
         self.sizes[index, :, new_length:length] = 0.0
         if self.scores is not None:
             self.scores[index, :, new_length:length] = 0.0
+        lengths = self.lengths
         for row in rows:
-            self.lengths[row] = new_length
-        self.lengths_dev = torch.tensor(self.lengths, dtype=torch.int64, device=self.device)
+            lengths[row] = new_length
+        self.lengths = lengths  # the device copy is rebuilt when the attention next needs it
 
     # --------------------------------------------------------------- transformers' interface
     def get_seq_length(self) -> int:
@@ -373,9 +441,9 @@ class CentroidKVLayer(CacheLayerMixin):
         if self.scores is not None:
             self.scores = self.scores.index_select(0, index)
         picks = index.tolist()
-        self.lengths = [self.lengths[i] for i in picks]
+        lengths = self.lengths
+        self.lengths = [lengths[i] for i in picks]
         self.head_end = [self.head_end[i] for i in picks]
-        self.lengths_dev = torch.tensor(self.lengths, dtype=torch.int64, device=self.device)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)
