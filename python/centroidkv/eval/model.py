@@ -145,15 +145,16 @@ def cache_from(kv: list[tuple[Tensor, Tensor]], config):
 
 @torch.inference_mode()
 def forward(loaded: LoadedModel, ids: list[int], cache, start_position: int, record: bool = False,
-            sizes: Optional[dict] = None) -> Tensor:
+            sizes: Optional[dict] = None, last_only: bool = False) -> Tensor:
     """Runs ids through the model on top of cache (extended in place) at original positions
-    start_position.., returns logits [T, V]."""
+    start_position.., returns logits [T, V] ([1, V] with last_only)."""
     state = loaded.state
     state.record = record
     state.sizes = sizes or {}
     device = next(loaded.model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     positions = torch.arange(start_position, start_position + len(ids), device=device)[None]
-    out = loaded.model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True)
+    out = loaded.model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True,
+                       logits_to_keep=1 if last_only else 0)
     state.record = False
     return out.logits[0].float()

@@ -61,6 +61,7 @@ class Config:
     window: int = 32
     sink: int = 4
     min_tail: int = 32
+    chat: bool = False
 
 
 def _window_scores(rows: Tensor, kv_heads: int) -> Tensor:
@@ -102,7 +103,7 @@ def generate(lm: M.LoadedModel, kv, sizes, feed: list[int], position: int, sampl
     """Greedy answer after feeding `feed` on top of the (compressed) cache."""
     cache = M.cache_from(kv, lm.model.config)
     stop = {lm.tokenizer.eos_token_id, lm.tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    logits = M.forward(lm, feed, cache, position, sizes=sizes)
+    logits = M.forward(lm, feed, cache, position, sizes=sizes, last_only=True)
     position += len(feed)
     out: list[int] = []
     for _ in range(sample.max_new_tokens):
@@ -118,15 +119,17 @@ def generate(lm: M.LoadedModel, kv, sizes, feed: list[int], position: int, sampl
     return lm.tokenizer.decode(out)
 
 
-def prompt_parts(tokenizer, sample: Sample) -> tuple[list[int], list[int]]:
-    """Token ids of (chat header + context) and (question + chat footer + answer prefix)."""
+def prompt_parts(tokenizer, sample: Sample, chat: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of the context part and of the question part (question + answer prefix).
+
+    Plain text by default: SmolLM2-135M-Instruct answers the pass key far more often without its
+    chat template (measured: 2/3 vs 1/3 on three 1k samples). chat=True wraps it in the template."""
     marker = "\u0000"
-    if getattr(tokenizer, "chat_template", None):
+    head, foot = "", "\n"
+    if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
                                              add_generation_prompt=True)
         head, foot = text.split(marker)
-    else:
-        head, foot = "", "\n"
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     return enc(head + sample.context), enc("\n\n" + sample.question + foot + sample.answer_prefix)
 
@@ -134,10 +137,10 @@ def prompt_parts(tokenizer, sample: Sample) -> tuple[list[int], list[int]]:
 def run_sample(lm: M.LoadedModel, cfg: Config, sample: Sample, methods: dict, write) -> None:
     """Both settings for every method and ratio on one sample, from one context prefill."""
     kv_heads = lm.model.config.num_key_value_heads
-    ctx_ids, q_ids = prompt_parts(lm.tokenizer, sample)
+    ctx_ids, q_ids = prompt_parts(lm.tokenizer, sample, cfg.chat)
     state = lm.state
     cache = M.cache_from([], lm.model.config)
-    M.forward(lm, ctx_ids, cache, 0, record=True)
+    M.forward(lm, ctx_ids, cache, 0, record=True, last_only=True)
     kv_ctx = M.kv_of(cache)
     rows_ctx = dict(state.window_rows)
     totals_ctx = dict(state.totals)
@@ -152,7 +155,7 @@ def run_sample(lm: M.LoadedModel, cfg: Config, sample: Sample, methods: dict, wr
             totals = [_group_sum(totals_ctx[i], kv_heads) for i in layers]
         else:
             cache_a = M.cache_from(kv_ctx, lm.model.config)
-            M.forward(lm, q_ids[:-1], cache_a, len(ctx_ids), record=True)
+            M.forward(lm, q_ids[:-1], cache_a, len(ctx_ids), record=True, last_only=True)
             kv, feed, p = M.kv_of(cache_a), q_ids[-1:], len(ctx_ids) + len(q_ids) - 1
             window, totals = [], []
             for i in layers:
@@ -184,7 +187,7 @@ def run_prose(lm: M.LoadedModel, cfg: Config, length: int, index: int, ids: list
     kv_heads = lm.model.config.num_key_value_heads
     state = lm.state
     cache = M.cache_from([], lm.model.config)
-    M.forward(lm, ids[:prefix_len], cache, 0, record=True)
+    M.forward(lm, ids[:prefix_len], cache, 0, record=True, last_only=True)
     kv = M.kv_of(cache)
     layers = range(len(kv))
     window = [_window_scores(state.window_rows[i], kv_heads) for i in layers]
