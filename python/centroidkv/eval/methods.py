@@ -9,7 +9,7 @@ baselines and ablations live side by side here so that they run under one protoc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -40,7 +40,8 @@ def _keep(region: Region, index: Tensor) -> Result:
 
 @dataclass
 class Method:
-    size_bias: bool = True  # attention adds log(size) for this method's slots
+    # attention adds log(size) for this method's slots; keyword-only so subclasses' fields come first
+    size_bias: bool = field(default=True, kw_only=True)
 
     def compress(self, region: Region) -> Result:
         raise NotImplementedError
@@ -182,11 +183,11 @@ METHODS = {
     "random": Random,
     "absorb": AbsorbEvicted,                          # merge evicted into nearest survivor
     # product policy candidates
-    "protected50": lambda: ProtectedClustering(0.5),
-    "protected90": lambda: ProtectedClustering(0.9),
-    "protected90_nobias": lambda: ProtectedClustering(0.9, size_bias=False),
-    "absorb_p50": lambda: AbsorbEvicted(0.5),
-    "absorb_p90": lambda: AbsorbEvicted(0.9),
+    "protected50": lambda: ProtectedClustering(protect_fraction=0.5),
+    "protected90": lambda: ProtectedClustering(protect_fraction=0.9),
+    "protected90_nobias": lambda: ProtectedClustering(protect_fraction=0.9, size_bias=False),
+    "absorb_p50": lambda: AbsorbEvicted(protect_fraction=0.5),
+    "absorb_p90": lambda: AbsorbEvicted(protect_fraction=0.9),
 }
 MAIN_METHODS = ["full", "paper", "paper_r4", "streaming", "snapkv", "h2o", "knorm", "random",
                 "absorb", "protected50", "protected90", "absorb_p50", "absorb_p90"]
