@@ -97,6 +97,10 @@ def _match_fake(metric, chunk_size, num_merge):
 def _merge_fake(keys, values, sizes, chunk_size, num_merge, metric=None):
     torch._check(keys.dim() == 4, lambda: "centroidkv.merge: keys must be [B, H, L, Dk]")
     torch._check(values.dim() == 4, lambda: "centroidkv.merge: values must be [B, H, L, Dv]")
+    # Mixed devices would otherwise reach this kernel (meta wins dispatch) and trace silently.
+    for name, t in (("values", values), ("sizes", sizes), ("metric", metric)):
+        torch._check(t is None or t.device == keys.device,
+                     lambda: f"centroidkv.merge: {name} is on {t.device} but keys is on {keys.device}")
     _check_chunking(chunk_size, num_merge)
     batch, heads, length = keys.shape[:3]
     out_len = _merged_length(length, chunk_size, num_merge)
