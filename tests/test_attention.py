@@ -1,0 +1,284 @@
+"""centroidkv.attention against the float64 reference, on every available device.
+
+Tolerance: the kernels read the same low-precision inputs as the reference, compute in float32
+and round once to q's dtype. The float32 part is far below the dtype's resolution for these
+sizes (about 1e-6 relative), so an output may differ from the float64 reference by its final
+rounding (half an ulp, at most eps * |ref| / 2) plus that float32 noise, which may push it across
+a rounding boundary: a full ulp. eps * |ref| + 1e-4 bounds both with a margin of about 2x for
+half and bfloat16; for float32 the 1e-4 absolute term covers float32 accumulation over 1025 keys
+and the fast exp2/log2 of the CUDA kernel.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import centroidkv
+from centroidkv import reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LENGTHS = [1, 7, 97, 1025]
+HEAD_DIMS = [64, 128, 256, 80]  # 80: no specialised CUDA kernel, takes the generic path there
+GROUP_AND_QUERIES = [(1, 1), (4, 1), (7, 3), (4, 16)]  # (query heads per KV head, Tq)
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_inputs(device, dtype, batch=2, kv_heads=2, group=4, tq=1, length=97, dim=64, dim_v=None,
+                seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dim_v = dim if dim_v is None else dim_v
+    q = torch.randn(batch, kv_heads * group, tq, dim, generator=gen)
+    k = torch.randn(batch, kv_heads, length, dim, generator=gen)
+    v = torch.randn(batch, kv_heads, length, dim_v, generator=gen)
+    sizes = torch.randint(1, 9, (batch, kv_heads, length), generator=gen).float()
+    return (q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), sizes.to(device))
+
+
+def assert_close_to_reference(out, q, k, v, sizes, scale=None, lengths=None):
+    exact = _reference64(q, k, v, sizes, scale, lengths)
+    assert out.dtype == q.dtype and out.shape == exact.shape
+    assert not out.isnan().any(), "NaN in output"
+    eps = torch.finfo(q.dtype).eps
+    err = (out.double() - exact).abs()
+    bound = eps * exact.abs() + 1e-4
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"max error {err.max().item():.3g} exceeds the bound (by {worst:.3g})"
+
+
+def _reference64(q, k, v, sizes, scale, lengths):
+    """The reference before its final cast to q's dtype."""
+    return reference.attention(q.double(), k.double(), v.double(), sizes, scale, lengths)
+
+
+def poison_cuda_allocator(device):
+    """Leaves NaN in the blocks the caching allocator hands out next."""
+    if device == "cuda":
+        junk = torch.full((64 << 20,), float("nan"), device=device)
+        del junk
+
+
+def run(q, k, v, sizes, scale=None, lengths=None):
+    poison_cuda_allocator(q.device.type)
+    return centroidkv.attention(q, k, v, sizes, scale=scale, lengths=lengths)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", HEAD_DIMS)
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("group,tq", GROUP_AND_QUERIES)
+def test_matches_reference(device, dtype, dim, length, group, tq):
+    q, k, v, sizes = make_inputs(device, dtype, group=group, tq=tq, length=length, dim=dim,
+                                 seed=length * 7 + dim + tq)
+    # Different valid lengths per row (where L < Tq, early queries see nothing: zeros).
+    lengths = torch.tensor([length, min(length, max(tq, length - length // 3))], device=device)
+    out = run(q, k, v, sizes, lengths=lengths)
+    assert_close_to_reference(out, q, k, v, sizes, lengths=lengths)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["none", "positive", "with_zeros", "all_but_one", "fractional"])
+@pytest.mark.parametrize("length", [7, 1025, 5000])
+def test_sizes(device, dtype, mode, length):
+    q, k, v, sizes = make_inputs(device, dtype, group=4, tq=3, length=length, dim=128, seed=length)
+    gen = torch.Generator().manual_seed(1)
+    if mode == "none":
+        sizes = None
+    elif mode == "with_zeros":
+        sizes = sizes * (torch.rand(sizes.shape, generator=gen) > 0.3).float().to(device)
+        sizes[..., -1] = 1.0  # keep one visible key for every query
+    elif mode == "all_but_one":
+        keep = torch.randint(0, max(1, length - 3), (2, 2), generator=gen).to(device)
+        sizes = torch.zeros_like(sizes).scatter_(-1, keep[..., None], 3.0)
+    elif mode == "fractional":
+        sizes = torch.rand(sizes.shape, generator=gen).to(device) * 10 + 1e-3
+    out = run(q, k, v, sizes)
+    assert_close_to_reference(out, q, k, v, sizes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nothing_visible_gives_zeros(device, dtype):
+    q, k, v, sizes = make_inputs(device, dtype, batch=3, group=4, tq=3, length=600, dim=128)
+    sizes[0] = 0.0  # row 0: every slot is padding
+    # row 1: length 1 < Tq: queries 0 and 1 see no key, query 2 sees key 0; row 2: length 0
+    lengths = torch.tensor([600, 1, 0], device=device)
+    out = run(q, k, v, sizes, lengths=lengths)
+    assert_close_to_reference(out, q, k, v, sizes, lengths=lengths)
+    assert (out[0] == 0).all() and (out[2] == 0).all() and (out[1, :, :2] == 0).all()
+    assert (out[1, :, 2] != 0).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_long_cache_many_splits(device, dtype, dim):
+    # Long enough that the CUDA kernel splits the keys over many blocks and merges them.
+    q, k, v, sizes = make_inputs(device, dtype, batch=1, kv_heads=2, group=4, tq=1,
+                                 length=20011, dim=dim, seed=dim)
+    lengths = torch.tensor([17003], device=device)
+    out = run(q, k, v, sizes, scale=0.3, lengths=lengths)
+    assert_close_to_reference(out, q, k, v, sizes, scale=0.3, lengths=lengths)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int32_lengths_and_scale(device, dtype):
+    q, k, v, sizes = make_inputs(device, dtype, group=7, tq=2, length=300, dim=64)
+    lengths = torch.tensor([5, 300], device=device, dtype=torch.int32)
+    out = run(q, k, v, sizes, scale=2.0, lengths=lengths)
+    assert_close_to_reference(out, q, k, v, sizes, scale=2.0, lengths=lengths.long())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_value_dim_differs(device, dtype):
+    q, k, v, sizes = make_inputs(device, dtype, group=4, tq=2, length=97, dim=64, dim_v=128)
+    out = run(q, k, v, sizes)
+    assert out.shape == (2, 8, 2, 128)
+    assert_close_to_reference(out, q, k, v, sizes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 128])
+def test_non_contiguous_inputs(device, dtype, dim):
+    batch, kv_heads, group, tq, length = 2, 2, 4, 3, 333
+    gen = torch.Generator().manual_seed(5)
+    # Cache stored [B, L, H, D] (token-major) and read as [B, H, L, D]; q likewise.
+    q = torch.randn(batch, tq, kv_heads * group, dim, generator=gen).to(device, dtype).transpose(1, 2)
+    k = torch.randn(batch, length, kv_heads, dim, generator=gen).to(device, dtype).transpose(1, 2)
+    # v: a slice of a wider buffer, so rows are strided and not 16-byte aligned to start
+    v = torch.randn(batch, kv_heads, length, dim + 3, generator=gen).to(device, dtype)[..., 1:dim + 1]
+    sizes = torch.rand(batch, length, kv_heads, generator=gen).to(device).transpose(1, 2) + 0.5
+    lengths = torch.tensor([333, 40], device=device)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or sizes.is_contiguous())
+    out = run(q, k, v, sizes, lengths=lengths)
+    assert_close_to_reference(out, q, k, v, sizes, lengths=lengths)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_shapes(device):
+    q, k, v, sizes = make_inputs(device, torch.float32, length=5)
+    out = centroidkv.attention(q[:, :, :0], k, v, sizes)
+    assert out.shape == (2, 8, 0, 64)
+    out = centroidkv.attention(q, k[:, :, :0], v[:, :, :0], sizes[:, :, :0])
+    assert (out == 0).all() and out.shape == (2, 8, 1, 64)
+
+
+@requires_cuda
+def test_cuda_out_of_range_lengths_give_nan():
+    # The CUDA path cannot check values without a device sync; such rows come out NaN.
+    q, k, v, sizes = make_inputs("cuda", torch.bfloat16, length=50, dim=128)
+    out = centroidkv.attention(q, k, v, sizes, lengths=torch.tensor([51, 50], device="cuda"))
+    assert out[0].isnan().all() and not out[1].isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    samples = [
+        make_inputs(device, torch.float32, group=4, tq=1, length=97, dim=64),
+        make_inputs(device, torch.bfloat16, group=1, tq=3, length=7, dim=128),
+        make_inputs(device, torch.float16, group=7, tq=2, length=300, dim=80),
+    ]
+    for i, (q, k, v, sizes) in enumerate(samples):
+        lengths = torch.tensor([k.shape[2], 1 + k.shape[2] // 2], device=device)
+        args = (q, k, v, sizes if i != 1 else None, 0.125, lengths if i != 2 else None)
+        torch.library.opcheck(torch.ops.centroidkv.attention.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    q, k, v, sizes = make_inputs(device, torch.float32, group=4, tq=2, length=97, dim=64)
+    lengths = torch.tensor([97, 50], device=device)
+
+    @torch.compile(fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    def step(q, k, v, sizes, lengths):
+        return centroidkv.attention(q * 2, k, v, sizes, scale=0.1, lengths=lengths) + 1
+
+    out = step(q, k, v, sizes, lengths)
+    expected = centroidkv.attention(q * 2, k, v, sizes, scale=0.1, lengths=lengths) + 1
+    torch.testing.assert_close(out, expected)
+
+
+@requires_cuda
+@pytest.mark.parametrize("tq", [1, 5])
+def test_cuda_graph_capture(tq):
+    static = make_inputs("cuda", torch.bfloat16, group=4, tq=tq, length=9000, dim=128, seed=1)
+    static_lengths = torch.tensor([9000, 7000], device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up outside the graph (allocator, cached launch settings)
+            centroidkv.attention(*static, lengths=static_lengths)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = centroidkv.attention(*static, lengths=static_lengths)
+    for seed in (2, 3):
+        fresh = make_inputs("cuda", torch.bfloat16, group=4, tq=tq, length=9000, dim=128, seed=seed)
+        for dst, src in zip(static, fresh):
+            dst.copy_(src)
+        static_lengths.copy_(torch.tensor([8000 + seed, 9000], device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = centroidkv.attention(*fresh, lengths=static_lengths.clone())
+        torch.testing.assert_close(static_out, expected, rtol=0, atol=0)
+        assert_close_to_reference(static_out, *fresh, lengths=static_lengths)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rejects_gradients(device):
+    q, k, v, sizes = make_inputs(device, torch.float32, length=5)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        centroidkv.attention(q.requires_grad_(), k, v, sizes)
+
+
+BAD_INPUTS = [
+    ("q rank", lambda q, k, v, s, n: (q[0], k, v, s, n), "q must have 4 dimensions"),
+    ("k rank", lambda q, k, v, s, n: (q, k[0], v, s, n), "k must have 4 dimensions"),
+    ("v rank", lambda q, k, v, s, n: (q, k, v[0], s, n), "v must have 4 dimensions"),
+    ("heads", lambda q, k, v, s, n: (q[:, :7], k, v, s, n), "multiple of KV heads"),
+    ("dtype mismatch", lambda q, k, v, s, n: (q, k.half(), v, s, n), "share a dtype"),
+    ("integer q", lambda q, k, v, s, n: (q.long(), k.long(), v.long(), s, n), "q must be float32"),
+    ("k head dim", lambda q, k, v, s, n: (q, k[..., :32], v, s, n), "head dim"),
+    ("v length", lambda q, k, v, s, n: (q, k, v[:, :, :4], s, n), "v shape"),
+    ("batch", lambda q, k, v, s, n: (q[:1], k, v, s, n), "batch sizes differ"),
+    ("sizes shape", lambda q, k, v, s, n: (q, k, v, s[:, :, :4], n), "sizes shape"),
+    ("sizes rank", lambda q, k, v, s, n: (q, k, v, s[0], n), "sizes must have 3 dimensions"),
+    ("sizes dtype", lambda q, k, v, s, n: (q, k, v, s.double(), n), "sizes must be float32"),
+    ("lengths shape", lambda q, k, v, s, n: (q, k, v, s, n[:1]), "lengths must have shape"),
+    ("lengths dtype", lambda q, k, v, s, n: (q, k, v, s, n.float()), "lengths must be int64"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs(device, name, mutate, message):
+    q, k, v, sizes = make_inputs(device, torch.float32, length=9)
+    lengths = torch.tensor([9, 3], device=device)
+    q, k, v, sizes, lengths = mutate(q, k, v, sizes, lengths)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.centroidkv.attention(q, k, v, sizes, 0.125, lengths)
+
+
+@pytest.mark.parametrize("bad", [-1, 10])
+def test_cpu_rejects_out_of_range_lengths(bad):
+    q, k, v, sizes = make_inputs("cpu", torch.float32, length=9)
+    with pytest.raises(RuntimeError, match=r"lengths\[1\] = -?\d+ is outside \[0, L\]"):
+        centroidkv.attention(q, k, v, sizes, lengths=torch.tensor([9, bad]))
+
+
+@requires_cuda  # a meta tensor would route the call to the fake kernel instead
+def test_device_mismatch():
+    q, k, v, sizes = make_inputs("cpu", torch.float32, length=9)
+    other = "cuda"
+    with pytest.raises(RuntimeError, match="k is on"):
+        torch.ops.centroidkv.attention(q, k.to(other), v, sizes, 0.125, None)
+    with pytest.raises(RuntimeError, match="lengths is on"):
+        torch.ops.centroidkv.attention(q, k, v, sizes, 0.125, torch.tensor([9, 9], device=other))

