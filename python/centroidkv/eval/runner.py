@@ -230,10 +230,12 @@ def run(cfg: Config, lm: M.LoadedModel, out_dir: Path, progress: bool = True) ->
         def write(rec):
             f.write(json.dumps(rec) + "\n")
             f.flush()
-        for task, length in units:
-            for sample in make_samples(task, length, cfg.samples, cfg.seed, lm.tokenizer):
+        # Sample-major order: a run stopped early still has every task at a similar n.
+        samples = {u: make_samples(u[0], u[1], cfg.samples, cfg.seed, lm.tokenizer) for u in units}
+        for i in range(cfg.samples):
+            for task, length in units:
                 bar.set_postfix_str(f"{task}@{length}")
-                run_sample(lm, cfg, sample, methods, write)
+                run_sample(lm, cfg, samples[(task, length)][i], methods, write)
                 bar.update()
         if "prose" in cfg.tasks:
             for length in cfg.lengths:
