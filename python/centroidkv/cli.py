@@ -257,10 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sink", type=_non_negative, default=4, help="first tokens kept exact (default 4)")
     gen.add_argument("--recent", type=_non_negative, default=64, help="most recent tokens kept exact (default 64)")
     gen.set_defaults(func=command_generate, default_new_tokens=64)
+    # `centroidkv eval ...` is parsed by centroidkv.eval.cli (main() hands it over); listed here for --help.
+    sub.add_parser("eval", add_help=False,
+                   help="quality under compression: every policy and baseline on offline tasks "
+                        "(centroidkv eval --help)")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        from .eval.cli import main as eval_main
+        return eval_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_new_tokens is None:

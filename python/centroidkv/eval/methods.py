@@ -1,0 +1,201 @@
+"""Compression methods compared by the harness, each a small dataclass (kvpress-style).
+
+A method turns the middle region of one layer's prompt cache (between the exact sink and tail,
+see budget.py) into exactly `budget` slots per KV head. It sees that region's keys and values,
+and importance scores recorded during the prefill: `window` (attention of the last W prompt
+queries) and `totals` (attention summed over all prompt queries), both summed over the query
+heads of each KV head's group. Product policies (centroidkv.protected) and evaluation-only
+baselines and ablations live side by side here so that they run under one protocol.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..cluster_budget import PARTITIONS, cluster_to_budget
+from ..protected import absorb_evicted, pooled_scores, protect_and_cluster, top_tokens
+
+
+@dataclass
+class Region:
+    keys: Tensor            # [1, H, M, Dk] post-rotary
+    values: Tensor          # [1, H, M, Dv]
+    window: Tensor          # [1, H, M] observation-window attention
+    totals: Tensor          # [1, H, M] attention summed over all prompt queries
+    budget: int
+    generator: torch.Generator
+
+
+Result = tuple[Tensor, Tensor, Tensor]  # keys, values, sizes of the `budget` slots
+
+
+def _keep(region: Region, index: Tensor) -> Result:
+    k = region.keys.gather(2, index[..., None].expand(-1, -1, -1, region.keys.shape[-1]))
+    v = region.values.gather(2, index[..., None].expand(-1, -1, -1, region.values.shape[-1]))
+    return k, v, torch.ones(index.shape, device=index.device)
+
+
+@dataclass
+class Method:
+    # attention adds log(size) for this method's slots; keyword-only so subclasses' fields come first
+    size_bias: bool = field(default=True, kw_only=True)
+
+    def compress(self, region: Region) -> Result:
+        raise NotImplementedError
+
+
+@dataclass
+class Full(Method):
+    """No compression (the reference every score is relative to)."""
+
+
+@dataclass
+class Clustering(Method):
+    """Bipartite soft matching to the budget (SPEC.md; the paper-style policy by default:
+    chunk 32, r = c/2 per pass, key cosine, alternating partition, log(size) bias).
+    Ablations: chunk_size, num_merge (smaller r, more passes), partition "halves",
+    metric "keys+values", size_bias False."""
+    chunk_size: int = 32
+    num_merge: Optional[int] = None
+    partition: str = "alternating"
+    metric: str = "keys"
+
+    def __post_init__(self):
+        if self.chunk_size < 2 or self.chunk_size % 2:
+            raise ValueError(f"Clustering: chunk_size must be even >= 2, got {self.chunk_size}")
+        if self.num_merge is not None and not 1 <= self.num_merge <= self.chunk_size // 2:
+            raise ValueError(f"Clustering: num_merge must be in [1, c/2], got {self.num_merge}")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"Clustering: partition must be one of {PARTITIONS}")
+        if self.metric not in ("keys", "keys+values"):
+            raise ValueError("Clustering: metric must be 'keys' or 'keys+values'")
+
+    def compress(self, region):
+        return cluster_to_budget(region.keys, region.values, None, region.budget, self.chunk_size,
+                                 self.num_merge, self.metric, self.partition)
+
+
+@dataclass
+class StreamingLLM(Method):
+    """Keeps the most recent tokens (Xiao et al., 2023: attention sinks + recent window)."""
+
+    def compress(self, region):
+        m = region.keys.shape[2]
+        index = torch.arange(m - region.budget, m).expand(*region.keys.shape[:2], -1)
+        return _keep(region, index)
+
+
+@dataclass
+class SnapKV(Method):
+    """Top tokens by observation-window attention, max-pooled (Li et al., 2024). The window
+    is the last W prompt tokens (the question when it is in the prompt)."""
+    pool: int = 7
+
+    def __post_init__(self):
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"SnapKV: pool must be odd >= 1, got {self.pool}")
+
+    def compress(self, region):
+        return _keep(region, top_tokens(pooled_scores(region.window, self.pool), region.budget)[0])
+
+
+@dataclass
+class H2O(Method):
+    """Top tokens by attention accumulated over all prompt queries (Zhang et al., 2023;
+    one-shot after prefill, without H2O's own recent window: the exact tail plays that role)."""
+
+    def compress(self, region):
+        return _keep(region, top_tokens(region.totals, region.budget)[0])
+
+
+@dataclass
+class KeyNorm(Method):
+    """Keeps the tokens with the smallest key L2 norm (Devoto et al., 2024)."""
+
+    def compress(self, region):
+        return _keep(region, top_tokens(-region.keys.float().norm(dim=-1), region.budget)[0])
+
+
+@dataclass
+class Random(Method):
+    """Keeps a uniformly random subset per KV head (seeded)."""
+
+    def compress(self, region):
+        scores = torch.rand(region.keys.shape[:3], generator=region.generator)
+        return _keep(region, top_tokens(scores, region.budget)[0])
+
+
+@dataclass
+class ProtectedClustering(Method):
+    """Product policy: SnapKV-protected exact tokens + clustering of the rest
+    (centroidkv.protected.protect_and_cluster)."""
+    protect_fraction: float = 0.5
+    chunk_size: int = 32
+    num_merge: Optional[int] = 8
+    pool: int = 7
+
+    def __post_init__(self):
+        if not 0.0 <= self.protect_fraction <= 1.0:
+            raise ValueError(f"ProtectedClustering: protect_fraction must be in [0, 1], got {self.protect_fraction}")
+
+    def compress(self, region):
+        return protect_and_cluster(region.keys, region.values, None, region.window, region.budget,
+                                   self.protect_fraction, self.chunk_size, self.num_merge, self.pool)
+
+
+@dataclass
+class AbsorbEvicted(Method):
+    """SnapKV survivors; evicted tokens merged into their most key-similar survivor
+    (centroidkv.protected.absorb_evicted). protect_fraction 0 = the plain
+    merge-evicted-into-nearest-survivor baseline (as in CaM / KVMerger-style merging)."""
+    protect_fraction: float = 0.0
+    pool: int = 7
+
+    def __post_init__(self):
+        if not 0.0 <= self.protect_fraction < 1.0:
+            raise ValueError(f"AbsorbEvicted: protect_fraction must be in [0, 1), got {self.protect_fraction}")
+
+    def compress(self, region):
+        return absorb_evicted(region.keys, region.values, None, region.window, region.budget,
+                              self.protect_fraction, self.pool)
+
+
+METHODS = {
+    "full": Full,
+    # the paper-style policy and its ablations
+    "paper": Clustering,
+    "paper_nobias": lambda: Clustering(size_bias=False),
+    "paper_halves": lambda: Clustering(partition="halves"),
+    "paper_kv": lambda: Clustering(metric="keys+values"),
+    "paper_r4": lambda: Clustering(num_merge=8),      # r = c/4 per pass, more passes
+    "paper_c8": lambda: Clustering(chunk_size=8),
+    "paper_c16": lambda: Clustering(chunk_size=16),
+    "paper_c64": lambda: Clustering(chunk_size=64),
+    "paper_c128": lambda: Clustering(chunk_size=128),
+    # eviction baselines
+    "streaming": StreamingLLM,
+    "snapkv": SnapKV,
+    "h2o": H2O,
+    "knorm": KeyNorm,
+    "random": Random,
+    "absorb": AbsorbEvicted,                          # merge evicted into nearest survivor
+    # product policy candidates
+    "protected50": lambda: ProtectedClustering(protect_fraction=0.5),
+    "protected90": lambda: ProtectedClustering(protect_fraction=0.9),
+    "protected90_nobias": lambda: ProtectedClustering(protect_fraction=0.9, size_bias=False),
+    "absorb_p50": lambda: AbsorbEvicted(protect_fraction=0.5),
+    "absorb_p90": lambda: AbsorbEvicted(protect_fraction=0.9),
+}
+MAIN_METHODS = ["full", "paper", "paper_r4", "streaming", "snapkv", "h2o", "knorm", "random",
+                "absorb", "protected50", "protected90", "absorb_p50", "absorb_p90"]
+ABLATIONS = ["paper_nobias", "paper_halves", "paper_kv", "paper_c8", "paper_c16", "paper_c64",
+             "paper_c128", "protected90_nobias"]
+
+
+def make_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"centroidkv.eval: unknown method {name!r}; known: {sorted(METHODS)}")
+    return METHODS[name]()

@@ -1,0 +1,156 @@
+"""Summary tables (mean, 95% interval, n) and plots from the per-sample JSONL."""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+Z95 = 1.96  # normal approximation of the 95% interval of a mean over n samples
+
+
+def load(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% interval, n); half-width 0 for n < 2."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0, n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, Z95 * math.sqrt(var / n), n
+
+
+def _fmt(mean: float, half: float, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def summarize(records: list[dict]) -> dict:
+    """cells[(setting, task, length, method, ratio)] = (mean, half, n) of the score (or KL),
+    plus the task average per (setting, method, ratio) as a fraction of the full cache."""
+    groups = defaultdict(list)
+    for r in records:
+        value = r["kl"] if r["setting"] == "prose" else r["score"]
+        groups[(r["setting"], r["task"], r["length"], r["method"], r["ratio"])].append(value)
+    cells = {k: mean_ci(v) for k, v in groups.items()}
+    # Task average relative to full: mean over (task, length) cells of method / full.
+    rel = defaultdict(list)
+    for (setting, task, length, method, ratio), (mean, _, _) in cells.items():
+        if setting == "prose":
+            continue
+        full = cells.get((setting, task, length, "full", 0.0))
+        if full and full[0] > 0:
+            rel[(setting, method, ratio)].append(mean / full[0])
+    average = {k: sum(v) / len(v) for k, v in rel.items()}
+    return {"cells": cells, "relative": average}
+
+
+def _order(methods):
+    return sorted(methods, key=lambda m: (m != "full", m))
+
+
+def markdown(records: list[dict], title: str = "") -> str:
+    s = summarize(records)
+    cells, rel = s["cells"], s["relative"]
+    lines = [f"# {title}".rstrip(), ""] if title else []
+    ratios = sorted({k[4] for k in cells if k[4] > 0})
+    for setting in ("question_in_prompt", "question_after"):
+        keys = [k for k in cells if k[0] == setting]
+        if not keys:
+            continue
+        tasks = sorted({(k[1], k[2]) for k in keys})
+        methods = _order({k[3] for k in keys})
+        lines += [f"## {setting}: score (mean ± 95% CI, n per cell)", ""]
+        head = "| method | ratio | " + " | ".join(f"{t}@{L}" for t, L in tasks) + " | task avg, % of full |"
+        lines += [head, "|" + "---|" * (len(tasks) + 3)]
+        for m in methods:
+            for r in ([0.0] if m == "full" else ratios):
+                row = []
+                for t, L in tasks:
+                    c = cells.get((setting, t, L, m, r))
+                    row.append(f"{_fmt(c[0], c[1], 2)} (n={c[2]})" if c else "")
+                avg = rel.get((setting, m, r))
+                lines.append(f"| {m} | {r:g} | " + " | ".join(row) + f" | {100 * avg:.0f}% |" if avg is not None
+                             else f"| {m} | {r:g} | " + " | ".join(row) + " | |")
+        lines.append("")
+    prose = [r for r in records if r["setting"] == "prose"]
+    if prose:
+        lengths = sorted({r["length"] for r in prose})
+        methods = _order({r["method"] for r in prose})
+        lines += ["## prose fidelity: KL(full || method), top-1 agreement, perplexity (mean ± 95% CI)", ""]
+        lines += ["| method | ratio | length | n | KL | top-1 | ppl |", "|---|---|---|---|---|---|---|"]
+        for L in lengths:
+            for m in methods:
+                for r in ([0.0] if m == "full" else ratios):
+                    rows = [x for x in prose if x["method"] == m and x["ratio"] == r and x["length"] == L]
+                    if not rows:
+                        continue
+                    kl, top1, ppl = (mean_ci([x[f] for x in rows]) for f in ("kl", "top1", "ppl"))
+                    lines.append(f"| {m} | {r:g} | {L} | {kl[2]} | {_fmt(kl[0], kl[1], 4)} | "
+                                 f"{_fmt(top1[0], top1[1], 3)} | {_fmt(ppl[0], ppl[1], 2)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], out_dir: Path) -> list[Path]:
+    """score-vs-ratio (task average, % of full) per setting and KL-vs-ratio, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summarize(records)
+    paths = []
+    for setting in ("question_in_prompt", "question_after"):
+        series = defaultdict(dict)
+        for (st, m, r), v in s["relative"].items():
+            if st == setting:
+                series[m][r] = 100 * v
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in _order(series):
+            pts = sorted(({0.0: 100.0} | series[m]).items()) if m != "full" else [(0.0, 100.0)]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.set_xlabel("compression ratio (fraction of the middle removed)")
+        ax.set_ylabel("task-average score, % of full cache")
+        ax.set_title(setting.replace("_", " "))
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        path = out_dir / f"score_{setting}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    kl = defaultdict(dict)
+    for (st, task, L, m, r), (mean, _, _) in s["cells"].items():
+        if st == "prose":
+            kl[m].setdefault(r, []).append(mean)
+    if kl:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in _order(kl):
+            if m == "full":
+                continue
+            pts = sorted((r, sum(v) / len(v)) for r, v in kl[m].items())
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.set_xlabel("compression ratio")
+        ax.set_ylabel("KL(full || method), nats per token")
+        ax.set_yscale("log")
+        ax.set_title("prose fidelity")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        path = out_dir / "kl_prose.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(jsonl: Path, out_dir: Path, title: str = "") -> tuple[Path, list[Path]]:
+    records = load(jsonl)
+    md = out_dir / "summary.md"
+    md.write_text(markdown(records, title), encoding="utf-8")
+    return md, plot(records, out_dir)

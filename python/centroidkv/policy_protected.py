@@ -1,0 +1,100 @@
+"""Policies that keep recall: observation-window attention picks tokens that stay exact.
+
+Select one with `CentroidKVCache(ratio=..., policy=ProtectedClustering())` (or
+`AbsorbIntoSurvivors()`). Both ask the attention for the last 32 queries' attention of every
+forward call (SnapKV's observation window: with the question at the end of the prompt, the
+tokens the question looks at). The tensor work is in protected.py; see it for the rules.
+
+Measured trade-offs are in the README (evaluation section): on SmolLM2-135M, plain clustering
+averages adjacent digit tokens together and loses exact recall; protecting the most attended
+tokens restores it, and the clustered remainder beats eviction on prose fidelity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+from .policies import Policy, Segment
+from .protected import absorb_evicted, pooled_scores, protect_and_cluster, top_tokens
+
+
+def _budget(length: int, ratio: float) -> int:
+    return max(1, min(length, round(length * (1.0 - ratio))))
+
+
+@dataclass
+class ProtectedClustering(Policy):
+    """[top tokens by max-pooled window attention, exact | the rest clustered] (protected.py).
+
+    Args:
+        protect_fraction: share of each segment's budget kept exact (0 = plain clustering).
+        num_merge: sources merged per chunk and pass; None = c/2 (the paper's), smaller values
+            merge only the most redundant pairs and take more passes (default c/4 at c = 32).
+        pool: max-pool width over scores (odd), so a needle's neighbours are protected with it.
+    """
+    protect_fraction: float = 0.9
+    num_merge: Optional[int] = 8
+    pool: int = 7
+    score_window: ClassVar[int] = 32
+    accumulate_scores: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.protect_fraction <= 1.0:
+            raise ValueError(f"ProtectedClustering: protect_fraction must be in [0, 1], got {self.protect_fraction}")
+        if self.num_merge is not None and self.num_merge < 1:
+            raise ValueError(f"ProtectedClustering: num_merge must be >= 1 or None, got {self.num_merge}")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"ProtectedClustering: pool must be odd >= 1, got {self.pool}")
+
+    def _run(self, segment: Segment, budget: int, chunk_size: int) -> Segment:
+        num_merge = None if self.num_merge is None else min(self.num_merge, chunk_size // 2)
+        keys, values, sizes = protect_and_cluster(segment.keys, segment.values, segment.sizes,
+                                                  segment.scores, budget, self.protect_fraction,
+                                                  chunk_size, num_merge, self.pool)
+        scores = None
+        if segment.scores is not None:  # protected slots keep their scores for later passes
+            protect = min(budget, round(self.protect_fraction * budget))
+            kept = top_tokens(pooled_scores(segment.scores, self.pool), protect)[0]
+            scores = torch.zeros_like(sizes)
+            scores[:, :, :protect] = segment.scores.gather(2, kept)
+        return Segment(keys, values, sizes, scores)
+
+    def compress(self, segment: Segment, *, ratio: float, chunk_size: int) -> Segment:
+        return self._run(segment, _budget(segment.length, ratio), chunk_size)
+
+    def shrink(self, segment: Segment, *, chunk_size: int) -> Segment:
+        return self._run(segment, _budget(segment.length, 0.5), chunk_size)
+
+
+@dataclass
+class AbsorbIntoSurvivors(Policy):
+    """Top tokens by max-pooled window attention survive; every other token is merged into its
+    most key-similar survivor (size-weighted, so attention adds log(size)); the best
+    protect_fraction of the survivors absorb nothing and stay exact (protected.py)."""
+    protect_fraction: float = 0.5
+    pool: int = 7
+    score_window: ClassVar[int] = 32
+    accumulate_scores: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.protect_fraction < 1.0:
+            raise ValueError(f"AbsorbIntoSurvivors: protect_fraction must be in [0, 1), got {self.protect_fraction}")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"AbsorbIntoSurvivors: pool must be odd >= 1, got {self.pool}")
+
+    def _run(self, segment: Segment, budget: int) -> Segment:
+        scores = segment.scores if segment.scores is not None else torch.zeros_like(segment.sizes)
+        keys, values, sizes = absorb_evicted(segment.keys, segment.values, segment.sizes, scores, budget,
+                                             self.protect_fraction, self.pool)
+        return Segment(keys, values, sizes, None)
+
+    def compress(self, segment: Segment, *, ratio: float, chunk_size: int) -> Segment:
+        return self._run(segment, _budget(segment.length, ratio))
+
+    def shrink(self, segment: Segment, *, chunk_size: int) -> Segment:
+        return self._run(segment, _budget(segment.length, 0.5))
+
+
+__all__ = ["AbsorbIntoSurvivors", "ProtectedClustering"]

@@ -1,0 +1,89 @@
+"""Keeping recall under compression: exact tokens chosen by observation-window attention.
+
+Two ways to spend a token budget on a run of cached tokens, given per-token importance scores
+(the attention of the last prompt queries, summed over each KV head's query group, SnapKV-style):
+
+- protect_and_cluster: the top `protect_fraction` of the budget, by max-pooled score, stays
+  exact (size 1); the other tokens, in their original order, are clustered by bipartite soft
+  matching (cluster_budget.py) into the rest of the budget.
+- absorb_evicted: the top `budget` tokens by max-pooled score survive; every other token is
+  merged into its most key-similar survivor (size-weighted centroid, so attention adds
+  log(size)); the top `protect_fraction` of the budget never absorbs anything and stays exact.
+
+Both operate per (row, KV head); outputs have exactly `budget` slots.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cluster_budget import cluster_to_budget
+from .reference import EPS, segment_average
+
+
+def pooled_scores(scores: Tensor, kernel: int = 7) -> Tensor:
+    """Max-pool of [B, H, L] scores along L (odd kernel, same length): a neighbourhood of an
+    important token counts as important, so a needle's sentence is kept whole (SnapKV)."""
+    if kernel <= 1:
+        return scores.float()
+    b, h, length = scores.shape
+    pooled = F.max_pool1d(scores.float().reshape(b * h, 1, length), kernel, stride=1, padding=kernel // 2)
+    return pooled.reshape(b, h, length)
+
+
+def top_tokens(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """(indices of the `count` highest scores, the other indices), each sorted by position."""
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    return order[..., :count].sort(dim=-1).values, order[..., count:].sort(dim=-1).values
+
+
+def _gather(x: Tensor, index: Tensor) -> Tensor:
+    if x.dim() == 4:
+        return x.gather(2, index[..., None].expand(-1, -1, -1, x.shape[-1]))
+    return x.gather(2, index)
+
+
+def protect_and_cluster(keys: Tensor, values: Tensor, sizes: Optional[Tensor], scores: Optional[Tensor],
+                        budget: int, protect_fraction: float = 0.5, chunk_size: int = 32,
+                        num_merge: Optional[int] = None, pool: int = 7) -> tuple[Tensor, Tensor, Tensor]:
+    """[protected exact tokens | clustered rest], `budget` slots per (row, head)."""
+    if sizes is None:
+        sizes = torch.ones(keys.shape[:3], device=keys.device)
+    protect = 0 if scores is None else min(budget, round(protect_fraction * budget))
+    if protect == 0:
+        return cluster_to_budget(keys, values, sizes, budget, chunk_size, num_merge)
+    kept, rest = top_tokens(pooled_scores(scores, pool), protect)
+    ck, cv, cs = cluster_to_budget(_gather(keys, rest), _gather(values, rest), _gather(sizes.float(), rest),
+                                   budget - protect, chunk_size, num_merge)
+    return (torch.cat([_gather(keys, kept), ck], 2), torch.cat([_gather(values, kept), cv], 2),
+            torch.cat([_gather(sizes.float(), kept), cs], 2))
+
+
+def absorb_evicted(keys: Tensor, values: Tensor, sizes: Optional[Tensor], scores: Tensor, budget: int,
+                   protect_fraction: float = 0.0, pool: int = 7) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-`budget` survivors by pooled score; the rest merged into their nearest absorbing
+    survivor by key cosine; survivors in the top protect_fraction stay exact."""
+    if sizes is None:
+        sizes = torch.ones(keys.shape[:3], device=keys.device)
+    sizes = sizes.float()
+    if not 0 < budget <= keys.shape[2]:
+        raise ValueError(f"centroidkv: budget must be in [1, {keys.shape[2]}], got {budget}")
+    pooled = pooled_scores(scores, pool)
+    survivors, evicted = top_tokens(pooled, budget)
+    if evicted.shape[-1] == 0:
+        return keys, values, sizes
+    protect = min(budget - 1, round(protect_fraction * budget))
+    kn = keys.float() / keys.float().norm(dim=-1, keepdim=True).clamp_min(EPS)
+    sim = _gather(kn, evicted) @ _gather(kn, survivors).transpose(-1, -2)  # [B, H, E, S]
+    if protect > 0:  # the best-scored survivors are not allowed to absorb
+        rank = pooled.gather(-1, survivors).argsort(dim=-1, descending=True).argsort(dim=-1)
+        sim = sim.masked_fill((rank < protect)[:, :, None, :], float("-inf"))
+    target = sim.nan_to_num(float("-inf")).argmax(dim=-1)  # survivor slot of each evicted token
+    slots = torch.empty(keys.shape[:3], dtype=torch.long, device=keys.device)
+    slots.scatter_(-1, survivors, torch.arange(budget, device=keys.device).expand_as(survivors).contiguous())
+    slots.scatter_(-1, evicted, target)
+    new_sizes = torch.zeros(*sizes.shape[:2], budget, device=keys.device).scatter_add_(-1, slots, sizes)
+    return (segment_average(keys, slots, sizes, budget), segment_average(values, slots, sizes, budget), new_sizes)

@@ -1,0 +1,147 @@
+"""The evaluation harness: budget protocol, tasks, methods, evaluation attention, quick run.
+
+Structure and sane values only; no score is hard-coded (a random-weight model scores ~0)."""
+import json
+import math
+
+import pytest
+import torch
+
+from centroidkv.eval import methods as E
+from centroidkv.eval.runner import split_budget
+from centroidkv.protected import absorb_evicted, protect_and_cluster
+
+pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("prompt_len", [40, 300, 1061, 2083])
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_split_budget(prompt_len, ratio):
+    b = split_budget(prompt_len, ratio)
+    assert b.sink == 4 and b.tail >= 32 and b.middle % 128 == 0
+    assert b.sink + b.middle + b.tail == prompt_len
+    assert b.kept == b.middle * (1 - ratio)
+
+
+def _region(m=256, heads=3, budget=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return E.Region(torch.randn(1, heads, m, 16, generator=g), torch.randn(1, heads, m, 8, generator=g),
+                    torch.rand(1, heads, m, generator=g), torch.rand(1, heads, m, generator=g), budget,
+                    torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", [n for n in E.METHODS if n != "full"])
+def test_every_method_fills_the_budget_and_conserves_size(name):
+    region = _region()
+    k, v, s = E.make_method(name).compress(region)
+    assert k.shape == (1, 3, 96, 16) and v.shape == (1, 3, 96, 8) and s.shape == (1, 3, 96)
+    assert torch.isfinite(k).all() and torch.isfinite(v).all() and (s >= 1).all()
+    total = float(s.sum(-1).max())
+    # merging methods keep every token's weight, eviction keeps exactly the budget
+    assert total == pytest.approx(256.0 if float(s.max()) > 1 else 96.0)
+
+
+def test_methods_validate_arguments():
+    with pytest.raises(ValueError, match="chunk_size"):
+        E.Clustering(chunk_size=7)
+    with pytest.raises(ValueError, match="pool"):
+        E.SnapKV(pool=4)
+    with pytest.raises(ValueError, match="protect_fraction"):
+        E.ProtectedClustering(protect_fraction=1.5)
+    with pytest.raises(ValueError, match="unknown method"):
+        E.make_method("nope")
+
+
+def test_protected_tokens_stay_exact():
+    region = _region()
+    scores = region.window
+    k, v, s = protect_and_cluster(region.keys, region.values, None, scores, 96, protect_fraction=0.5, pool=1)
+    top = scores.sort(-1, descending=True).indices[..., :48].sort(-1).values
+    expected = region.keys.gather(2, top[..., None].expand(-1, -1, -1, 16))
+    assert torch.equal(k[:, :, :48], expected) and (s[:, :, :48] == 1).all()
+    assert s.sum(-1).allclose(torch.full((1, 3), 256.0))
+
+
+def test_absorb_protects_best_survivors():
+    region = _region()
+    k, v, s = absorb_evicted(region.keys, region.values, None, region.window, 96, protect_fraction=0.5, pool=1)
+    assert s.sum(-1).allclose(torch.full((1, 3), 256.0))
+    order = region.window.sort(-1, descending=True).indices
+    survivors = order[..., :96].sort(-1).values
+    best = set(order[0, 0, :48].tolist())
+    for slot, token in enumerate(survivors[0, 0].tolist()):
+        if token in best:
+            assert s[0, 0, slot] == 1 and torch.equal(k[0, 0, slot], region.keys[0, 0, token])
+
+
+def test_tasks_are_seeded_and_contain_their_answers():
+    from centroidkv.eval.model import load_model
+    from centroidkv.eval.tasks import TASKS, make_samples
+    tok = load_model("random-llama").tokenizer
+    for task in TASKS:
+        a = make_samples(task, 300, 2, 7, tok)
+        b = make_samples(task, 300, 2, 7, tok)
+        assert [x.context for x in a] == [x.context for x in b]
+        for s in a:
+            n = len(tok(s.context, add_special_tokens=False)["input_ids"])
+            # QA contexts hold at least the gold item (HotpotQA's ten paragraphs can exceed 300)
+            assert 0.8 * 300 <= n and (task.startswith("qa_") or n <= 1.5 * 300), (task, n)
+            if task not in ("fwe", "vt") and not task.startswith("qa_"):
+                assert all(ans in s.context for ans in s.answers), task
+            assert s.score(" ".join(s.answers)) == 1.0 and s.score("") == 0.0
+
+
+def test_evaluation_attention_matches_sdpa_and_log_size_bias():
+    from centroidkv.eval import model as M
+    lm = M.load_model("random-llama")
+    ids = torch.randint(0, 1000, (40,)).tolist()
+    ours = M.forward(lm, ids, M.cache_from([], lm.model.config), 0)
+    lm.model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ref = lm.model(torch.tensor([ids])).logits[0]
+    lm.model.set_attn_implementation(M.ATTENTION_NAME)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)  # fp32, different summation order
+    # a slot duplicated in the cache == one copy of size 2 (SPEC.md, proportional attention)
+    cache = M.cache_from([], lm.model.config)
+    M.forward(lm, ids, cache, 0)
+    kv = M.kv_of(cache)
+    dup = [(torch.cat([k, k[:, :, 5:6]], 2), torch.cat([v, v[:, :, 5:6]], 2)) for k, v in kv]
+    sizes = {i: torch.ones(1, k.shape[1], k.shape[2]) for i, (k, _) in enumerate(kv)}
+    for s in sizes.values():
+        s[:, :, 5] = 2.0
+    a = M.forward(lm, [7], M.cache_from(dup, lm.model.config), 40)
+    b = M.forward(lm, [7], M.cache_from(kv, lm.model.config), 40, sizes=sizes)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_quick_run_structure(tmp_path):
+    from centroidkv.eval.cli import QUICK, main
+    assert main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    records = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    qa = [r for r in records if r["setting"] != "prose"]
+    prose = [r for r in records if r["setting"] == "prose"]
+    n_methods = 1 + (len(QUICK["methods"]) - 1) * len(QUICK["ratios"])
+    assert len(qa) == 2 * QUICK["samples"] * 2 * n_methods  # 2 QA tasks x samples x 2 settings
+    assert len(prose) == QUICK["prose_samples"] * n_methods
+    assert all(0.0 <= r["score"] <= 1.0 for r in qa)
+    for r in prose:
+        assert r["kl"] > -1e-4 and math.isfinite(r["ppl"]) and 0.0 <= r["top1"] <= 1.0
+        if r["method"] == "full":
+            assert abs(r["kl"]) < 1e-6 and r["top1"] == 1.0
+    # same budget for every method at a given (sample, setting, ratio)
+    budgets = {}
+    for r in records:
+        if r["method"] != "full":
+            budgets.setdefault((r["task"], r["sample"], r["setting"], r["ratio"]), set()).add(r["cache_len"])
+    assert budgets and all(len(v) == 1 for v in budgets.values())
+    summary = (tmp_path / "summary.md").read_text()
+    assert "question_in_prompt" in summary and "question_after" in summary and "prose fidelity" in summary
+    assert (tmp_path / "kl_prose.png").stat().st_size > 0
+
+
+def test_registry_names_match_parameters():
+    assert E.make_method("absorb_p50").protect_fraction == 0.5
+    assert E.make_method("protected90").protect_fraction == 0.9
+    assert E.make_method("protected90_nobias").size_bias is False
+    assert E.make_method("paper").size_bias is True and E.make_method("paper_nobias").size_bias is False
+    assert E.make_method("paper_c64").chunk_size == 64 and E.make_method("paper_r4").num_merge == 8

@@ -1,0 +1,58 @@
+"""Product recall policies inside CentroidKVCache: lengths, exact protected tokens, generation."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from centroidkv.policies import Segment  # noqa: E402
+from centroidkv.policy_protected import AbsorbIntoSurvivors, ProtectedClustering  # noqa: E402
+
+
+def _segment(length=128, heads=2, seed=0, scores=True):
+    g = torch.Generator().manual_seed(seed)
+    return Segment(torch.randn(1, heads, length, 16, generator=g), torch.randn(1, heads, length, 8, generator=g),
+                   torch.ones(1, heads, length), torch.rand(1, heads, length, generator=g) if scores else None)
+
+
+@pytest.mark.parametrize("policy", [ProtectedClustering(), ProtectedClustering(protect_fraction=0.5, num_merge=None),
+                                    AbsorbIntoSurvivors(), AbsorbIntoSurvivors(protect_fraction=0.0)])
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+@pytest.mark.parametrize("with_scores", [True, False])
+def test_compress_length_and_weight(policy, ratio, with_scores):
+    seg = _segment(scores=with_scores)
+    out = policy.compress(seg, ratio=ratio, chunk_size=32)
+    assert out.length == round(128 * (1 - ratio))
+    torch.testing.assert_close(out.sizes.sum(-1), torch.full((1, 2), 128.0))  # no token's weight lost
+    shrunk = policy.shrink(out, chunk_size=32)
+    assert shrunk.length == round(out.length / 2)
+
+
+def test_protected_tokens_are_exact_and_keep_scores():
+    seg = _segment()
+    out = ProtectedClustering(protect_fraction=0.5, pool=1).compress(seg, ratio=0.5, chunk_size=32)
+    top = seg.scores.sort(-1, descending=True).indices[..., :32].sort(-1).values
+    assert torch.equal(out.keys[:, :, :32], seg.keys.gather(2, top[..., None].expand(-1, -1, -1, 16)))
+    assert torch.equal(out.scores[:, :, :32], seg.scores.gather(2, top))
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="protect_fraction"):
+        ProtectedClustering(protect_fraction=2.0)
+    with pytest.raises(ValueError, match="pool"):
+        AbsorbIntoSurvivors(pool=2)
+
+
+@pytest.mark.parametrize("policy", [ProtectedClustering(), AbsorbIntoSurvivors()])
+def test_generate_with_cache(policy):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import centroidkv
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="centroidkv")
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 97, (1, 300))
+    cache = centroidkv.CentroidKVCache(ratio=0.75, policy=policy)
+    out = model.generate(ids, cache=cache, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 305)
+    assert cache.get_seq_length() == 304  # positions continue from the uncompressed length
