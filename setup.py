@@ -46,6 +46,13 @@ def torch_has_cuda():
     return torch.version.cuda is not None
 
 
+# Resolve C++ runtime symbols from the shared libstdc++ that torch itself uses. A toolchain that
+# links parts of libstdc++ statically (seen on one GPU image) otherwise puts a second copy of the
+# stream code into the extension, whose locale facets do not match the process's, and formatting
+# an integer into an error message crashes.
+LINK_ARGS = ["-fopenmp", "-Wl,-Bdynamic", "-lstdc++"]
+
+
 def extension():
     cxx = ["-O3", "-fopenmp"]
     if os.environ.get("CENTROIDKV_DEBUG") == "1":
@@ -57,7 +64,7 @@ def extension():
             CPU_SOURCES + CUDA_SOURCES,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=LINK_ARGS,
             py_limited_api=True,
         )
     return cpp_extension.CppExtension(
@@ -65,7 +72,7 @@ def extension():
         CPU_SOURCES,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=LINK_ARGS,
         py_limited_api=True,
     )
 

@@ -6,7 +6,8 @@ decodes one token per row with:
   static_sdpa  StaticCache (preallocated, written in place) + "sdpa"
   inplace_op   CentroidKVCache(ratio=0): preallocated, written in place, clustering off, read
                by the centroidkv attention op (GQA-native, no copies of KV heads)
-  ckv_<r>      CentroidKVCache(ratio=r) + attn_implementation="centroidkv"
+  ckv_<r>      CentroidKVCache(ratio=r, policy=PlainClustering()) + attn_implementation="centroidkv"
+               (the paper's policy: the synthetic fill reproduces what its prefill leaves)
 best_full is the faster of static_sdpa and inplace_op: a speedup is read against it as well as
 against stock. Caches are filled synthetically with the state a prefill of L tokens leaves
 (e2e_common.fill_*), then `--warmup` steps run and `--steps` are timed (CUDA events around each
@@ -29,7 +30,7 @@ import argparse
 import torch
 
 import e2e_common as common
-from e2e_common import GB, CentroidKVCache, log
+from e2e_common import GB, CentroidKVCache, PlainClustering, log
 
 FULL_VARIANTS = ("stock", "static_sdpa", "inplace_op")
 MARGIN_GB = 3.0  # activations, logits, the attention op's workspace, allocator slack
@@ -56,7 +57,7 @@ def need_bytes(variant: str, shape, batch: int, context: int, args) -> tuple[int
     if variant == "static_sdpa":  # repeat_kv materialises keys and values at every query head
         held = common.kv_bytes_full(shape, batch, context + extra_steps(args))
         return held, held + layer * (shape.q_heads // shape.kv_heads)
-    options = CentroidKVCache(ratio=ratio_of(variant)).options
+    options = CentroidKVCache(ratio=ratio_of(variant), policy=PlainClustering()).options
     layout = common.centroidkv_layout(options, context)
     held = common.kv_bytes_centroidkv(shape, batch, layout.capacity)
     return held, held + held // shape.layers  # one layer's buffers may be reallocated
@@ -66,7 +67,7 @@ def read_bytes(variant: str, shape, batch: int, context: int) -> int:
     """KV bytes one decode step must read (keys, values, and sizes where the cache has them)."""
     if variant in ("stock", "static_sdpa"):
         return common.kv_bytes_full(shape, batch, context)
-    options = CentroidKVCache(ratio=ratio_of(variant)).options
+    options = CentroidKVCache(ratio=ratio_of(variant), policy=PlainClustering()).options
     live = common.centroidkv_layout(options, context).live
     return common.kv_bytes_centroidkv(shape, batch, live)
 
@@ -79,7 +80,7 @@ def make_cache(variant: str, model, shape, batch: int, context: int, args, devic
         common.use_attention(model, "sdpa")
         return common.fill_static(model, shape, batch, context, context + extra_steps(args), device, dtype)
     common.use_attention(model, "centroidkv")
-    cache = CentroidKVCache(ratio=ratio_of(variant))
+    cache = CentroidKVCache(ratio=ratio_of(variant), policy=PlainClustering())
     common.fill_centroidkv(cache, shape, batch, context, device, dtype)
     return cache
 
@@ -205,7 +206,8 @@ def run_prefill_at(context, model, shape, args, device, dtype, deadline) -> dict
             cache = common.DynamicCache(config=model.config)
         else:
             common.use_attention(model, "centroidkv")
-            cache = CentroidKVCache(ratio=0.0 if variant == "ckv_off" else ratio_of(variant))
+            cache = CentroidKVCache(ratio=0.0 if variant == "ckv_off" else ratio_of(variant),
+                                    policy=PlainClustering())
         try:
             return common.time_once(device, lambda: common.forward(model, tokens, cache))
         finally:

@@ -21,7 +21,7 @@ import time
 import torch
 
 import e2e_common as common
-from e2e_common import CentroidKVCache
+from e2e_common import CentroidKVCache, PlainClustering
 from centroidkv.hf_attention import centroidkv_attention
 
 
@@ -31,7 +31,7 @@ class _Module(torch.nn.Module):
 
 def run(args) -> dict:
     shape = common.Shape(**{**common.TINY.__dict__, "layers": args.layers})
-    cache = CentroidKVCache(ratio=args.ratio)
+    cache = CentroidKVCache(ratio=args.ratio, policy=PlainClustering())
     common.fill_centroidkv(cache, shape, args.batch, args.context, "cpu", torch.float32)
     module = _Module().eval()
     group = shape.q_heads // shape.kv_heads

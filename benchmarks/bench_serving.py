@@ -4,7 +4,7 @@ Requests have --prompt tokens (32k) and generate --generate tokens (256). Under 
 (--kv-budget-gb, default: free device memory after the weights minus --margin-gb):
   full      bytes per sequence = keys + values of prompt + generated tokens, preallocated exactly
             (no slack, no sizes: the most favourable accounting for the full cache)
-  ckv_<r>   bytes per sequence = the most a CentroidKVCache(ratio=r) row holds (keys, values,
+  ckv_<r>   bytes per sequence = the most a CentroidKVCache(ratio=r) row (PlainClustering) holds (keys, values,
             sizes, capacity slack) at any step while generating: one layer is filled with the
             prompt's prefill state and runs --generate real update + settle steps (clustering
             included); times the layer count
@@ -26,13 +26,13 @@ import argparse
 import torch
 
 import e2e_common as common
-from e2e_common import GB, CentroidKVCache, log
+from e2e_common import GB, CentroidKVCache, PlainClustering, log
 
 
 @torch.inference_mode()
 def peak_bytes_per_sequence(ratio: float, shape, prompt: int, generate: int, device, dtype) -> dict:
     """Most bytes one CentroidKVCache row holds over a request (all layers), by running one layer."""
-    cache = CentroidKVCache(ratio=ratio)
+    cache = CentroidKVCache(ratio=ratio, policy=PlainClustering())
     one_layer = common.Shape(**{**shape.__dict__, "layers": 1})
     common.fill_centroidkv(cache, one_layer, 1, prompt, device, dtype)
     layer = cache.layers[0]
@@ -54,7 +54,7 @@ def decode_rate(variant: str, model, shape, batch: int, args, device, dtype, ste
         else:
             common.use_attention(model, "centroidkv")
             ratio = 0.0 if variant == "full_inplace" else args.ratio
-            cache = CentroidKVCache(ratio=ratio)
+            cache = CentroidKVCache(ratio=ratio, policy=PlainClustering())
             # The full cache is preallocated for the whole request, as a serving system would.
             capacity = args.prompt + args.generate if ratio == 0 else None
             common.fill_centroidkv(cache, shape, batch, args.prompt, device, dtype, capacity=capacity)

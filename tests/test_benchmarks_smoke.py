@@ -22,6 +22,7 @@ sys.path.insert(0, str(BENCH))
 
 import e2e_common as common  # noqa: E402
 from centroidkv.cache import CentroidKVCache, CentroidKVLayer  # noqa: E402
+from centroidkv.policies import PlainClustering  # noqa: E402
 
 
 def run_script(script: str, *args: str, tmp_path: Path) -> dict:
@@ -41,13 +42,13 @@ def run_script(script: str, *args: str, tmp_path: Path) -> dict:
 def test_synthetic_fill_matches_real_prefill(ratio, seen, recent):
     shape = common.Shape(**{**common.TINY.__dict__, "layers": 1})
     batch = 2
-    real = CentroidKVCache(ratio=ratio, recent=recent)
+    real = CentroidKVCache(ratio=ratio, recent=recent, policy=PlainClustering())
     layer = CentroidKVLayer(real.options)
     keys = torch.randn(batch, shape.kv_heads, seen, shape.head_dim)
     with torch.inference_mode():
         layer.update(keys, torch.randn_like(keys))
         layer.settle()
-    synthetic = CentroidKVCache(ratio=ratio, recent=recent)
+    synthetic = CentroidKVCache(ratio=ratio, recent=recent, policy=PlainClustering())
     layout = common.fill_centroidkv(synthetic, shape, batch, seen, "cpu", torch.float32)
     fake = synthetic.layers[0]
 
@@ -70,7 +71,7 @@ def test_synthetic_fill_matches_real_prefill(ratio, seen, recent):
 def test_synthetic_fill_decodes_like_a_cache():
     """A filled cache takes further tokens through its normal update/settle path."""
     shape = common.Shape(**{**common.TINY.__dict__, "layers": 1})
-    cache = CentroidKVCache(ratio=0.75)
+    cache = CentroidKVCache(ratio=0.75, policy=PlainClustering())
     layout = common.fill_centroidkv(cache, shape, 1, 700, "cpu", torch.float32)
     layer = cache.layers[0]
     token = torch.randn(1, shape.kv_heads, 1, shape.head_dim)

@@ -41,7 +41,8 @@ def test_identical_pairs_clustered_at_half_match_unclustered(q_heads, kv_heads):
     """Each pair merges into one slot of size 2; with log(size) the attention is unchanged."""
     torch.manual_seed(2)
     keys, values = _pairs(1, kv_heads, 24, 16), _pairs(1, kv_heads, 24, 16)
-    cache = centroidkv.CentroidKVCache(ratio=0.5, chunk_size=8, sink=0, recent=0)
+    cache = centroidkv.CentroidKVCache(ratio=0.5, chunk_size=8, sink=0, recent=0,
+                                       policy=centroidkv.PlainClustering())
     k_view, v_view = cache.update(keys, values, 0)
     query = torch.randn(1, q_heads, 48, 16)
     centroidkv_attention(_FakeAttention(), query, k_view, v_view, None, scaling=0.25)  # settles
@@ -96,7 +97,8 @@ def test_generate_with_padding_matches_alone():
 def test_memory_after_long_prefill_is_about_a_quarter():
     model = tiny_model("llama", seed=5)
     prompt = torch.randint(1, VOCAB, (1, 2048))
-    cache = centroidkv.CentroidKVCache(ratio=0.75)
+    # The paper's policy, whose slot count has a closed form (the default also keeps scores).
+    cache = centroidkv.CentroidKVCache(ratio=0.75, policy=centroidkv.PlainClustering())
     stock = transformers.DynamicCache(config=model.config)
     with torch.no_grad():
         model(prompt, use_cache=True, **{cache_kwarg(model): cache})

@@ -105,15 +105,16 @@ ChunkGrid chunk_grid(const at::Tensor& t, int64_t c, int64_t r, const char* op) 
   return g;
 }
 
-// CENTROIDKV_MERGE_KERNEL=v1 selects the first merge kernel; unset or v2, the lean one (same
-// results bit for bit). Read at every call (a getenv costs far less than a launch) so that one
-// process can time both versions.
+// CENTROIDKV_MERGE_KERNEL=v2 selects the lean kernel (fewer index and divide instructions, same
+// results bit for bit); unset or v1, the first one, which measured slightly faster on an H200
+// (benchmarks/results/h200_run2). Read at every call (a getenv costs far less than a launch) so
+// that one process can time both versions.
 bool lean_merge_kernel() {
   const char* version = std::getenv("CENTROIDKV_MERGE_KERNEL");
-  if (version == nullptr || *version == '\0' || std::strcmp(version, "v2") == 0) return true;
-  TORCH_CHECK(std::strcmp(version, "v1") == 0,
+  if (version == nullptr || *version == '\0' || std::strcmp(version, "v1") == 0) return false;
+  TORCH_CHECK(std::strcmp(version, "v2") == 0,
               "centroidkv: CENTROIDKV_MERGE_KERNEL must be v1 or v2, got '", version, "'");
-  return false;
+  return true;
 }
 
 at::Tensor match_cuda(const at::Tensor& metric_in, int64_t chunk_size, int64_t num_merge) {

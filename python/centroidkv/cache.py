@@ -467,7 +467,8 @@ class CentroidKVCache(Cache):
         chunk_size: even chunk length c of every clustering pass.
         sink: first tokens of each row kept exact.
         recent: most recent tokens kept exact (the window holds recent .. recent + block - 1).
-        policy: a centroidkv.policies.Policy; default PlainClustering (the paper's).
+        policy: a centroidkv.policies.Policy; default ProtectedClustering (the evaluation's
+            choice, README); PlainClustering() is the paper's.
 
     Needs the model loaded with attn_implementation="centroidkv" (import centroidkv first).
     """

@@ -142,7 +142,11 @@ def centroidkv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
         out = attend_torch(query, key, value, bias, scale, softcap)
 
     if layer is not None:
-        window = layer.options.policy.score_window
+        policy = layer.options.policy
+        # A window policy (SnapKV-style) ranks tokens by what the prompt's last queries attend
+        # to, so it observes prefill calls only: a decode step then costs no extra pass over the
+        # cache. Accumulating policies (H2O-style) pay that pass on every call, by design.
+        window = policy.score_window if (queries > 1 or policy.accumulate_scores) else 0
         if window > 0:
             if bias is None or bias.shape[1] == 1 and key.shape[1] > 1:
                 bias = build_bias(sizes, lengths, batch, queries, key.shape[2], sliding_window,

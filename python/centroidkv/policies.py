@@ -119,8 +119,13 @@ class PlainClustering(Policy):
 
 
 def validate_policy(policy) -> Policy:
+    """The policy a cache uses: the given one, or the default chosen by the evaluation
+    (results/eval/README.md): ProtectedClustering, which keeps the tokens an observation window
+    attends to exact and clusters the rest. PlainClustering() is the paper's policy."""
     if policy is None:
-        return PlainClustering()
+        from .policy_protected import ProtectedClustering  # imports this module
+
+        return ProtectedClustering()
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a centroidkv.policies.Policy, got {type(policy).__name__}")
     return policy

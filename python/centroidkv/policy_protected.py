@@ -17,7 +17,7 @@ from typing import ClassVar, Optional
 import torch
 
 from .policies import Policy, Segment
-from .protected import absorb_evicted, pooled_scores, protect_and_cluster, top_tokens
+from .protected import absorb_evicted, pooled_scores, protect_and_cluster, protected_count, top_tokens
 
 
 def _budget(length: int, ratio: float) -> int:
@@ -55,7 +55,7 @@ class ProtectedClustering(Policy):
                                                   chunk_size, num_merge, self.pool)
         scores = None
         if segment.scores is not None:  # protected slots keep their scores for later passes
-            protect = min(budget, round(self.protect_fraction * budget))
+            protect = protected_count(budget, self.protect_fraction)
             kept = top_tokens(pooled_scores(segment.scores, self.pool), protect)[0]
             scores = torch.zeros_like(sizes)
             scores[:, :, :protect] = segment.scores.gather(2, kept)

@@ -46,13 +46,18 @@ def _gather(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(2, index)
 
 
+def protected_count(budget: int, protect_fraction: float) -> int:
+    """Slots of a budget kept exact: at most budget - 1, so the clustered rest keeps a slot."""
+    return max(0, min(budget - 1, round(protect_fraction * budget)))
+
+
 def protect_and_cluster(keys: Tensor, values: Tensor, sizes: Optional[Tensor], scores: Optional[Tensor],
                         budget: int, protect_fraction: float = 0.5, chunk_size: int = 32,
                         num_merge: Optional[int] = None, pool: int = 7) -> tuple[Tensor, Tensor, Tensor]:
     """[protected exact tokens | clustered rest], `budget` slots per (row, head)."""
     if sizes is None:
         sizes = torch.ones(keys.shape[:3], device=keys.device)
-    protect = 0 if scores is None else min(budget, round(protect_fraction * budget))
+    protect = 0 if scores is None else protected_count(budget, protect_fraction)
     if protect == 0:
         return cluster_to_budget(keys, values, sizes, budget, chunk_size, num_merge)
     kept, rest = top_tokens(pooled_scores(scores, pool), protect)
