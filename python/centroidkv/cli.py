@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -51,22 +50,13 @@ def essay_text() -> str:
 
 
 def pass_key_prompt(tokenizer, context_tokens: int, seed: int) -> tuple[str, str]:
-    """A chat prompt of about `context_tokens` tokens of essays with a pass key hidden at a random
-    depth, and the key."""
-    rng = random.Random(seed)
-    key = str(rng.randrange(10000, 99999))
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-    question = "What is the pass key? The pass key is"
-    filler_ids = tokenizer(essay_text(), add_special_tokens=False)["input_ids"]
-    budget = max(16, context_tokens - len(tokenizer(needle + question)["input_ids"]) - 40)
-    filler = filler_ids[:budget]
-    depth = int(len(filler) * rng.uniform(0.1, 0.9))
-    text = tokenizer.decode(filler[:depth]) + needle + tokenizer.decode(filler[depth:])
-    messages = [{"role": "user", "content": text + "\n\n" + question.split("?")[0] + "?"}]
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return prompt + "The pass key is", key
-    return text + "\n" + question, key
+    """The evaluation's pass-key task (eval/tasks.py): about `context_tokens` tokens of essays
+    with a pass key hidden at a random depth, as plain text (SmolLM2-135M-Instruct finds the key
+    more often without its chat template), and the key."""
+    from .eval.tasks import make_samples
+
+    sample = make_samples("passkey", context_tokens, 1, seed, tokenizer)[0]
+    return f"{sample.context}\n\n{sample.question}\n{sample.answer_prefix}", sample.answers[0]
 
 
 def load_model(model_path: str, gguf_file: Optional[str], device: str, dtype_name: str):
