@@ -16,7 +16,7 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 pip install "torch==$TORCH_VERSION"
 if [ "${CENTROIDKV_DEPS:-all}" = build ]; then
-  pip install ninja "setuptools>=64" wheel
+  pip install ninja "setuptools>=64" wheel numpy
 else
   pip install -r requirements-dev.txt
   # Packages that ship a model and offline data; installed without their (unused) dependencies.
