@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import inspect
 import json
 import math
 import os
@@ -28,7 +27,7 @@ from typing import Callable, Optional
 import torch
 
 import centroidkv  # noqa: F401  (registers attn_implementation="centroidkv")
-from centroidkv.cache import CentroidKVCache, CentroidKVLayer
+from centroidkv.cache import CentroidKVCache, CentroidKVLayer, cache_argument
 from centroidkv.compress import merge_passes
 from centroidkv.policies import PlainClustering
 
@@ -99,15 +98,9 @@ def use_attention(model, name: str) -> None:
     assert model.config._attn_implementation == name, model.config._attn_implementation
 
 
-def cache_kwarg(model) -> str:
-    """The forward's cache argument: `past_key_values` (transformers 5.17) or `cache` (later)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def forward(model, tokens: torch.Tensor, cache):
     """One forward of tokens [B, T] with the cache; logits of the last position only."""
-    return model(input_ids=tokens, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+    return model(input_ids=tokens, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
 
 
 # ------------------------------------------------------------------------------- caches

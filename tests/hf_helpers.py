@@ -1,11 +1,11 @@
 """Tiny random-weight transformers models and helpers shared by the integration tests."""
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 transformers = __import__("pytest").importorskip("transformers")
+
+from centroidkv.cache import cache_argument  # noqa: E402  (needs transformers)
 
 VOCAB = 97
 
@@ -34,15 +34,10 @@ def tiny_model(family: str = "llama", attn: str = "centroidkv", seed: int = 0, *
     return model.eval()
 
 
-def cache_kwarg(model) -> str:
-    """transformers 5.24 names the forward's cache argument `cache`, 5.17 `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def teacher_forced_logits(model, cache, prompt, continuation, attention_mask=None):
     """Logits of the prefill's last token and of each decode step fed `continuation` [B, n]."""
-    name = cache_kwarg(model)
+    name = cache_argument(model)
     positions = None
     if attention_mask is not None:  # as generate() does: positions count real tokens only
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)

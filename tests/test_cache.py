@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from hf_helpers import VOCAB, cache_kwarg, teacher_forced_logits, tiny_model
+from hf_helpers import VOCAB, teacher_forced_logits, tiny_model
 
 import centroidkv
 from centroidkv import reference
-from centroidkv.cache import CentroidKVLayer
+from centroidkv.cache import CentroidKVLayer, cache_argument
 from centroidkv.hf_attention import centroidkv_attention
 from centroidkv.policies import PlainClustering, Policy, Segment
 
@@ -101,8 +101,8 @@ def test_memory_after_long_prefill_is_about_a_quarter():
     cache = centroidkv.CentroidKVCache(ratio=0.75, policy=centroidkv.PlainClustering())
     stock = transformers.DynamicCache(config=model.config)
     with torch.no_grad():
-        model(prompt, use_cache=True, **{cache_kwarg(model): cache})
-        tiny_model("llama", attn="sdpa", seed=5)(prompt, use_cache=True, **{cache_kwarg(model): stock})
+        model(prompt, use_cache=True, **{cache_argument(model): cache})
+        tiny_model("llama", attn="sdpa", seed=5)(prompt, use_cache=True, **{cache_argument(model): stock})
     full = centroidkv.cache.dynamic_cache_bytes(stock).total
     held = cache.memory_bytes()
     options = cache.options
@@ -123,7 +123,7 @@ def test_positions_continue_from_uncompressed_length():
     model = tiny_model("llama", seed=6)
     prompt = torch.randint(1, VOCAB, (1, 300))
     cache = centroidkv.CentroidKVCache(ratio=0.75, chunk_size=8, recent=16)
-    name = cache_kwarg(model)
+    name = cache_argument(model)
     with torch.no_grad():
         model(prompt, use_cache=True, **{name: cache})
         assert cache.get_seq_length() == 300 and cache.live_slots(0)[0] < 150
@@ -181,7 +181,7 @@ def test_custom_policy_receives_observation_scores():
     policy = _KeepFirstHalf()
     cache = centroidkv.CentroidKVCache(ratio=0.5, chunk_size=8, sink=4, recent=16, policy=policy)
     with torch.no_grad():
-        model(torch.randint(1, VOCAB, (1, 100)), use_cache=True, **{cache_kwarg(model): cache})
+        model(torch.randint(1, VOCAB, (1, 100)), use_cache=True, **{cache_argument(model): cache})
     assert len(policy.seen_scores) == 2  # one call per layer
     scores = policy.seen_scores[0]
     assert scores.shape == (1, 2, 80) and bool((scores >= 0).all()) and float(scores.sum()) > 0

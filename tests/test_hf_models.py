@@ -6,7 +6,8 @@ import time
 import pytest
 import torch
 
-from hf_helpers import VOCAB, cache_kwarg, teacher_forced_logits, tiny_model
+from hf_helpers import VOCAB, teacher_forced_logits, tiny_model
+from centroidkv.cache import cache_argument
 
 import centroidkv
 
@@ -33,7 +34,7 @@ def test_family_generates_and_positions_continue(family):
                                pad_token_id=0, past_key_values=centroidkv.CentroidKVCache(**options))
         assert torch.equal(alone[0, -10:], out[row, -10:])
     # Without position_ids the next position is the uncompressed length.
-    name = cache_kwarg(model)
+    name = cache_argument(model)
     with torch.no_grad():
         one = centroidkv.CentroidKVCache(**options)
         model(prompt[:1], use_cache=True, **{name: one})

@@ -42,6 +42,7 @@ holds its live slots left-aligned in [0, lengths[b]):
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import warnings
 from dataclasses import dataclass
@@ -508,6 +509,12 @@ class CentroidKVCache(Cache):
         o = self.options
         return (f"CentroidKVCache(ratio={o.ratio}, budget={o.budget}, chunk_size={o.chunk_size}, "
                 f"sink={o.sink}, recent={o.recent}, policy={o.policy!r}, layers={len(self.layers)})")
+
+
+def cache_argument(model) -> str:
+    """Name of the cache keyword of `model`'s forward and generate: `cache` from transformers
+    5.24 on, `past_key_values` before (5.24 still accepts it, with a FutureWarning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def dynamic_cache_bytes(cache: Cache) -> KVMemory:

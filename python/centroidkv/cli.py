@@ -81,13 +81,15 @@ def run_generation(model, tokenizer, prompt: str, cache, max_new_tokens: int, de
     """Greedy generation through `cache`; returns (text, new tokens, seconds)."""
     import torch
 
+    from .cache import cache_argument
+
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     streamer = _ProgressStreamer(progress) if progress is not None else None
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.no_grad():
-        output = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens,
+        output = model.generate(**inputs, **{cache_argument(model): cache}, max_new_tokens=max_new_tokens,
                                 do_sample=False, streamer=streamer, pad_token_id=tokenizer.eos_token_id)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
