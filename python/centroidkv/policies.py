@@ -28,9 +28,11 @@ Subclass `Policy` as a dataclass, validate arguments in `__post_init__`, and imp
 Scores. Set `score_window = W > 0` and the attention implementation ("centroidkv") hands the
 cache, for every layer, the attention of the last W queries of each forward call over all slots
 (softmax probabilities summed over those queries and over the query heads of each KV head's
-group, [B, Hkv, L]). With `accumulate_scores = False` the prefill's window replaces earlier
-scores (SnapKV-style observation window); with True every call adds to them (H2O-style running
-totals). The scores follow their slots through every move and arrive in `segment.scores`; slots
+group, [B, Hkv, L]). With `accumulate_scores = False` only calls of several tokens (prefill,
+chunked prefill) are observed and each replaces earlier scores (SnapKV-style observation window;
+decode steps pay nothing, and tokens generated later keep score 0); with True every call,
+decode steps included, adds to them (H2O-style running totals, at the cost of one more pass
+over the cache per step). The scores follow their slots through every move and arrive in `segment.scores`; slots
 a policy creates get the scores it returns (zeros if it returns None).
 
 Sketches of the policies the evaluation will want, each one file:
