@@ -188,6 +188,31 @@ def test_custom_policy_receives_observation_scores():
     assert cache.live_slots(0) == [4 + 40 + 16]
 
 
+class _KeepFirstHalfAccumulating(_KeepFirstHalf):
+    accumulate_scores = True
+
+
+@pytest.mark.parametrize("policy_type", [_KeepFirstHalf, _KeepFirstHalfAccumulating])
+def test_window_policies_observe_prefill_only(policy_type):
+    # A SnapKV-style window ranks tokens by the prompt's last queries: decode steps leave the
+    # scores alone (no extra pass over the cache); an accumulating (H2O-style) policy adds to them.
+    model = tiny_model("llama", seed=9)
+    cache = centroidkv.CentroidKVCache(ratio=0.5, chunk_size=8, sink=4, recent=16, policy=policy_type())
+    name = cache_argument(model)
+    with torch.no_grad():
+        model(torch.randint(1, VOCAB, (1, 40)), use_cache=True, **{name: cache})
+        layer = cache.layers[0]
+        before = layer.scores[:, :, :layer.lengths[0]].clone()
+        model(torch.randint(1, VOCAB, (1, 1)), position_ids=torch.tensor([[40]]), use_cache=True,
+              **{name: cache})
+    after = layer.scores[:, :, :before.shape[2]]
+    assert float(before.sum()) > 0
+    if policy_type.accumulate_scores:
+        assert bool((after > before).any())
+    else:
+        assert torch.equal(after, before)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(ratio=1.0), "ratio"), (dict(ratio=-0.1), "ratio"), (dict(chunk_size=7), "chunk_size"),
     (dict(sink=-1), "sink"), (dict(budget=10), "budget"), (dict(policy="plain"), "policy"),
