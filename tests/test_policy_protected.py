@@ -47,12 +47,13 @@ def test_generate_with_cache(policy):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import centroidkv
+    from centroidkv.cache import cache_argument
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, attn_implementation="centroidkv")
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 97, (1, 300))
     cache = centroidkv.CentroidKVCache(ratio=0.75, policy=policy)
-    out = model.generate(ids, cache=cache, max_new_tokens=5, do_sample=False)
+    out = model.generate(ids, **{cache_argument(model): cache}, max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 305)
     assert cache.get_seq_length() == 304  # positions continue from the uncompressed length
