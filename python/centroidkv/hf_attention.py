@@ -149,8 +149,10 @@ def centroidkv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
         window = policy.score_window if (queries > 1 or policy.accumulate_scores) else 0
         if window > 0:
             if bias is None or bias.shape[1] == 1 and key.shape[1] > 1:
-                bias = build_bias(sizes, lengths, batch, queries, key.shape[2], sliding_window,
-                                  query.device, torch.float32)
+                # Rows of the last `window` queries only (the causal rule is relative to the
+                # end): a long prefill never materialises a [queries, keys] bias for scoring.
+                bias = build_bias(sizes, lengths, batch, min(window, queries), key.shape[2],
+                                  sliding_window, query.device, torch.float32)
             layer.observe(observation_scores(query, key, bias.expand(-1, key.shape[1], -1, -1), scale, window))
         layer.settle()
     return out.transpose(1, 2).contiguous(), None
