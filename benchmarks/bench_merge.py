@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -40,8 +39,6 @@ def parse_args():
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--merge", type=int, default=16)
     p.add_argument("--sizes", action="store_true", help="pass random sizes (default: None = ones)")
-    p.add_argument("--kernels", nargs="+", default=["v2"], choices=["v1", "v2"],
-                   help="CUDA: merge kernel versions to time side by side (CENTROIDKV_MERGE_KERNEL)")
     p.add_argument("--inner", type=int, default=1,
                    help="calls per timed sample, back to back; >1 hides the host's per-call "
                         "overhead behind the GPU work (CUDA: time per call = sample / inner)")
@@ -114,14 +111,7 @@ def main():
         torch.set_num_threads(args.threads)
     device, dtype, c, r = args.device, DTYPES[args.dtype], args.chunk, args.merge
     copy_gbs = copy_bandwidth_gbs(device, args.repeat) if device == "cuda" else None
-    def kernel(version):
-        def merge(*a):
-            os.environ["CENTROIDKV_MERGE_KERNEL"] = version  # read by the op at every call
-            return centroidkv.merge(*a)
-        return merge
-
-    versions = args.kernels if device == "cuda" else ["v2"]
-    impls = {("centroidkv" if len(versions) == 1 else f"centroidkv {v}"): kernel(v) for v in versions}
+    impls = {"centroidkv": centroidkv.merge}
     if not args.skip_reference:
         impls["reference"] = reference.merge
         if args.compile:

@@ -12,21 +12,11 @@ import torch
 
 import centroidkv
 
-MERGE_KERNELS = ["v1", "v2"]  # CENTROIDKV_MERGE_KERNEL values: every merge case runs under each
-
-
 def run(name, keys, values, sizes, c, r, metric=None):
     slots = torch.ops.centroidkv.match(keys if metric is None else metric, c, r)
-    first = None
-    for version in MERGE_KERNELS:
-        os.environ["CENTROIDKV_MERGE_KERNEL"] = version
-        k, v, s = torch.ops.centroidkv.merge(keys, values, sizes, c, r, metric)
-        torch.cuda.synchronize()
-        assert slots.shape == keys.shape[:3] and k.shape[2] == s.shape[2]
-        if first is None:
-            first = (k, v, s)
-        else:  # the versions agree bit for bit
-            assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(first, (k, v, s))), name
+    k, v, s = torch.ops.centroidkv.merge(keys, values, sizes, c, r, metric)
+    torch.cuda.synchronize()
+    assert slots.shape == keys.shape[:3] and k.shape[2] == s.shape[2]
     print(f"{name}: ok ({tuple(k.shape)})")
 
 

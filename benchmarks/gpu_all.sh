@@ -57,7 +57,7 @@ fi
 
 if want bench_merge; then
   step bench_merge
-  timeout 70 $PY benchmarks/bench_merge.py --device cuda --compile --kernels v1 v2 --inner 10 \
+  timeout 70 $PY benchmarks/bench_merge.py --device cuda --compile --inner 10 \
     --repeat 30 --json "$LOGS/bench_merge.json" > "$LOGS/bench_merge.txt" 2>&1
   grep -v Warning "$LOGS/bench_merge.txt" | tail -12; pack
 fi

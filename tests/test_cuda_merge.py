@@ -6,7 +6,6 @@ agree with the reference bit for bit (maps, ties, centroids and sizes). Gaussian
 same kernel where rounding differs: the map must be a valid matching up to near ties, and the
 centroids must equal the reference's averaging by that map within a few ulps.
 """
-import os
 import subprocess
 import sys
 import textwrap
@@ -22,17 +21,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DIMS = [64, 96, 128, 256, 80]
 CHUNKS = [2, 8, 32, 64, 256]
-
-
-# Both merge kernels (CENTROIDKV_MERGE_KERNEL, read by the op at every call) must give the same
-# bits; every test here runs under each.
-MERGE_KERNELS = ["v1", "v2"]
-
-
-@pytest.fixture(autouse=True, params=MERGE_KERNELS)
-def merge_kernel(request, monkeypatch):
-    monkeypatch.setenv("CENTROIDKV_MERGE_KERNEL", request.param)
-    return request.param
 
 
 def num_merges(c):
@@ -296,7 +284,7 @@ def test_same_as_cpu_kernel(dtype, c, r):
     torch.testing.assert_close(v, cv, rtol=rtol, atol=atol)
 
 
-def test_outputs(merge_kernel):
+def test_outputs():
     keys = torch.randn(2, 3, 70, 64, device="cuda", dtype=torch.bfloat16)
     values = torch.randn(2, 3, 70, 32, device="cuda", dtype=torch.bfloat16)
     k, v, s = torch.ops.centroidkv.merge(keys, values, None, 32, 8)
@@ -331,19 +319,11 @@ ERRORS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_errors(merge_kernel):
-    env = dict(os.environ, CENTROIDKV_MERGE_KERNEL=merge_kernel)
+def test_errors():
     proc = subprocess.run([sys.executable, "-c", ERRORS_SCRIPT], capture_output=True, text=True,
-                          timeout=120, env=env)
+                          timeout=120)
     assert proc.returncode == 0 and "ALL OK" in proc.stdout, (
         f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}")
-
-
-def test_bad_kernel_version(monkeypatch):
-    keys = torch.randn(1, 1, 8, 64, device="cuda")
-    monkeypatch.setenv("CENTROIDKV_MERGE_KERNEL", "v9")
-    with pytest.raises(RuntimeError, match="CENTROIDKV_MERGE_KERNEL"):
-        torch.ops.centroidkv.merge(keys, keys, None, 8, 4)
 
 
 def test_opcheck():

@@ -148,33 +148,17 @@ __host__ __device__ inline int staged_pitch(int row_bytes) {
 // Copies the chunk's c rows (starting at global address chunk) to shared memory, sources
 // first, then destinations. Asynchronous when rows allow 16-byte copies: the caller must call
 // wait_async_copies() and __syncthreads() before reading.
-// kLean walks (row, vector) incrementally instead of dividing by the row's vector count.
-template <class Fmt, bool kLean = false>
+template <class Fmt>
 __device__ void stage_rows(char* smem, const char* chunk, const RowsArg& arg, int c) {
   using Bits = typename Fmt::Bits;
   const int half = c / 2;
   const int pitch = staged_pitch(arg.dim * int(sizeof(Bits)));
   if (arg.vec16) {
     const int per_row = arg.dim * int(sizeof(Bits)) / 16;
-    if constexpr (kLean) {
-      const int step_i = int(blockDim.x) / per_row, step_v = int(blockDim.x) % per_row;
-      int i = int(threadIdx.x) / per_row, v = int(threadIdx.x) % per_row;
-      while (i < c) {
-        const int row = (i & 1) ? half + (i >> 1) : (i >> 1);
-        copy16_async(smem + row * pitch + v * 16, chunk + i * arg.stride_l + v * 16);
-        i += step_i;
-        v += step_v;
-        if (v >= per_row) {
-          v -= per_row;
-          ++i;
-        }
-      }
-    } else {
-      for (int t = threadIdx.x; t < c * per_row; t += blockDim.x) {
-        const int i = t / per_row, v = t % per_row;
-        const int row = (i & 1) ? half + (i >> 1) : (i >> 1);
-        copy16_async(smem + row * pitch + v * 16, chunk + i * arg.stride_l + v * 16);
-      }
+    for (int t = threadIdx.x; t < c * per_row; t += blockDim.x) {
+      const int i = t / per_row, v = t % per_row;
+      const int row = (i & 1) ? half + (i >> 1) : (i >> 1);
+      copy16_async(smem + row * pitch + v * 16, chunk + i * arg.stride_l + v * 16);
     }
   } else {
     for (int t = threadIdx.x; t < c * arg.dim; t += blockDim.x) {

@@ -24,8 +24,6 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <tuple>
 
 #include "../checks.h"
@@ -103,18 +101,6 @@ ChunkGrid chunk_grid(const at::Tensor& t, int64_t c, int64_t r, const char* op) 
   TORCH_CHECK(t.size(0) * g.heads * g.chunks <= INT_MAX, op, ": B * H * (L // chunk_size) = ",
               t.size(0) * g.heads * g.chunks, " chunks exceeds one launch (", INT_MAX, ")");
   return g;
-}
-
-// CENTROIDKV_MERGE_KERNEL=v2 selects the lean kernel (fewer index and divide instructions, same
-// results bit for bit); unset or v1, the first one, which measured slightly faster on an H200
-// (benchmarks/results/h200_run2). Read at every call (a getenv costs far less than a launch) so
-// that one process can time both versions.
-bool lean_merge_kernel() {
-  const char* version = std::getenv("CENTROIDKV_MERGE_KERNEL");
-  if (version == nullptr || *version == '\0' || std::strcmp(version, "v1") == 0) return false;
-  TORCH_CHECK(std::strcmp(version, "v2") == 0,
-              "centroidkv: CENTROIDKV_MERGE_KERNEL must be v1 or v2, got '", version, "'");
-  return true;
 }
 
 at::Tensor match_cuda(const at::Tensor& metric_in, int64_t chunk_size, int64_t num_merge) {
@@ -208,19 +194,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cuda(
                  c10::cuda::getCurrentCUDAStream()>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      const bool lean = lean_merge_kernel();
-      auto launch_version = [&](auto mfmt) {
-        using MFmt = decltype(mfmt);
-        if (lean) {
-          launch(merge_kernel<KFmt, MFmt, true>);
-        } else {
-          launch(merge_kernel<KFmt, MFmt, false>);
-        }
-      };
       if (!metric.defined()) {
-        launch_version(KFmt{});
+        launch(merge_kernel<KFmt, KFmt>);
       } else {
-        dispatch_format(metric.scalar_type(), op, "metric", launch_version);
+        dispatch_format(metric.scalar_type(), op, "metric",
+                        [&](auto mfmt) { launch(merge_kernel<KFmt, decltype(mfmt)>); });
       }
     });
   }

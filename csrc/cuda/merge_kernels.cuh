@@ -23,8 +23,6 @@ struct SmemLayout {
   int slot_token = 0;  // int [c]: token owning each output slot
   int slot_total = 0;  // float [c]: S of each output slot
   int slot_count = 0;  // int [c]: tokens in each output slot
-  int slot_recip = 0;  // float [c]: exact 1 / divisor of each slot, or 0 (lean kernel only)
-  int slot_unit = 0;   // int [c]: every member of the slot has size 1 (lean kernel only)
   int strip = 0, words = 0;
   int bytes = 0;
   bool staged = false;
@@ -120,8 +118,6 @@ struct SlotState {
   const float* total;
   const int* count;
   const float* sizes;  // per token of the chunk
-  const float* recip;  // lean kernel: exact reciprocal of the divisor, 0 if not exact
-  const int* unit;     // lean kernel: all member sizes are 1
 };
 
 // Writes the chunk's kept output rows of one tensor, N elements per task: a slot with one
@@ -160,90 +156,17 @@ __device__ void write_slots(const ChunkRows& rows, int dim, char* out, int kept,
   }
 }
 
-// The lean kernel's version of write_slots: the same arithmetic on every element, with fewer
-// instructions. A task's (slot, column) advances incrementally instead of by division; with
-// all member sizes 1, x * 1 == x is skipped; and when the divisor is a power of two, the
-// quotient is formed as x * (1 / divisor), which is exact and so equal to IEEE x / divisor.
-template <class Fmt, int N>
-__device__ void write_slots_lean(const ChunkRows& rows, int dim, char* out, int kept,
-                                 const MatchState& s, const SlotState& slots) {
-  const int elem = int(sizeof(typename Fmt::Bits));
-  const int per_row = dim / N;
-  const int step_slot = int(blockDim.x) / per_row, step_col = int(blockDim.x) % per_row;
-  int slot = int(threadIdx.x) / per_row, col = int(threadIdx.x) % per_row;
-  while (slot < kept) {
-    const int offset = col * N * elem;
-    const int token = slots.token[slot];
-    char* dst = out + int64_t(slot) * dim * elem + offset;
-    const int count = slots.count[slot];
-    if (count == 1) {
-      copy_bits<Fmt, N>(dst, rows.token(token) + offset);
-    } else {
-      const float total = slots.total[slot];
-      const bool weighted = total > 0.f;
-      const bool multiply = weighted && !slots.unit[slot];
-      float acc[N];
-#pragma unroll
-      for (int e = 0; e < N; ++e) acc[e] = 0.f;
-      for_each_member(s, token >> 1, [&](int m) {
-        float x[N];
-        load_floats<Fmt, N>(rows.token(m) + offset, x);
-        if (multiply) {
-          const float w = slots.sizes[m];
-#pragma unroll
-          for (int e = 0; e < N; ++e) acc[e] = __fadd_rn(acc[e], __fmul_rn(x[e], w));
-        } else {
-#pragma unroll
-          for (int e = 0; e < N; ++e) acc[e] = __fadd_rn(acc[e], x[e]);
-        }
-      });
-      const float recip = slots.recip[slot];
-      if (recip != 0.f) {
-#pragma unroll
-        for (int e = 0; e < N; ++e) acc[e] = __fmul_rn(acc[e], recip);
-      } else {
-        const float divisor = weighted ? fmaxf(total, kMinPositiveTotal) : float(count);
-#pragma unroll
-        for (int e = 0; e < N; ++e) acc[e] = __fdiv_rn(acc[e], divisor);
-      }
-      store_floats<Fmt, N>(dst, acc);
-    }
-    slot += step_slot;
-    col += step_col;
-    if (col >= per_row) {
-      col -= per_row;
-      ++slot;
-    }
-  }
-}
-
-// 1 / d when it is exact (d a positive normal power of two), else 0.
-__device__ __forceinline__ float exact_reciprocal(float d) {
-  const uint32_t bits = __float_as_uint(d);
-  const uint32_t exponent = bits >> 23;  // sign bit 0 for d > 0
-  const bool power_of_two = (bits & 0x7fffffu) == 0u && exponent >= 1u && exponent <= 254u;
-  return power_of_two ? __fdiv_rn(1.f, d) : 0.f;
-}
-
-template <class Fmt, bool kLean>
+template <class Fmt>
 __device__ void write_tensor_slots(const ChunkRows& rows, int dim, bool vec, char* out, int kept,
                                    const MatchState& s, const SlotState& slots) {
-  if constexpr (kLean) {
-    if (vec) {
-      write_slots_lean<Fmt, kVec16<Fmt>>(rows, dim, out, kept, s, slots);
-    } else {
-      write_slots_lean<Fmt, 1>(rows, dim, out, kept, s, slots);
-    }
-  } else if (vec) {
+  if (vec) {
     write_slots<Fmt, kVec16<Fmt>>(rows, dim, out, kept, s, slots);
   } else {
     write_slots<Fmt, 1>(rows, dim, out, kept, s, slots);
   }
 }
 
-// kLean selects the instruction-lean staging and writing (same results bit for bit); false is
-// the first version, kept selectable at run time (CENTROIDKV_MERGE_KERNEL=v1, see merge.cu).
-template <class KFmt, class MFmt, bool kLean>
+template <class KFmt, class MFmt>
 __global__ void __launch_bounds__(kThreads) merge_kernel(const MergeParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const ChunkGrid& g = p.grid;
@@ -261,9 +184,9 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const MergeParams p) {
   const char* values = global_chunk(p.values, b, h, j * c);
   const char* metric = own_metric ? global_chunk(p.metric, b, h, j * c) : keys;
   if (staged) {
-    if (own_metric) stage_rows<MFmt, kLean>(reinterpret_cast<char*>(smem + m.rows_metric), metric, p.metric, c);
-    stage_rows<KFmt, kLean>(reinterpret_cast<char*>(smem + m.rows_keys), keys, p.keys, c);
-    stage_rows<KFmt, kLean>(reinterpret_cast<char*>(smem + m.rows_values), values, p.values, c);
+    if (own_metric) stage_rows<MFmt>(reinterpret_cast<char*>(smem + m.rows_metric), metric, p.metric, c);
+    stage_rows<KFmt>(reinterpret_cast<char*>(smem + m.rows_keys), keys, p.keys, c);
+    stage_rows<KFmt>(reinterpret_cast<char*>(smem + m.rows_values), values, p.values, c);
   }
   float* sizes = reinterpret_cast<float*>(smem + m.sizes);
   for (int i = threadIdx.x; i < c; i += blockDim.x) {
@@ -288,26 +211,15 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const MergeParams p) {
   int* slot_token = reinterpret_cast<int*>(smem + m.slot_token);
   float* slot_total = reinterpret_cast<float*>(smem + m.slot_total);
   int* slot_count = reinterpret_cast<int*>(smem + m.slot_count);
-  float* slot_recip = reinterpret_cast<float*>(smem + m.slot_recip);
-  int* slot_unit = reinterpret_cast<int*>(smem + m.slot_unit);
   float* out_sizes = p.out_sizes + bh * g.out_length + j * kept;
   for (int i = threadIdx.x; i < c; i += blockDim.x) {
     if (!(i & 1) && is_merged(s, i >> 1)) continue;
     const int slot = slot_in_chunk(s, i);
     const int count = (i & 1) ? member_count(s, i >> 1) : 1;
     float total = sizes[i];
-    bool unit = total == 1.f;
     if (count > 1) {
       total = 0.f;
-      unit = true;
-      for_each_member(s, i >> 1, [&](int t) {
-        total = __fadd_rn(total, sizes[t]);
-        unit = unit && sizes[t] == 1.f;
-      });
-    }
-    if constexpr (kLean) {
-      slot_recip[slot] = exact_reciprocal(total > 0.f ? fmaxf(total, kMinPositiveTotal) : float(count));
-      slot_unit[slot] = unit;
+      for_each_member(s, i >> 1, [&](int t) { total = __fadd_rn(total, sizes[t]); });
     }
     slot_token[slot] = i;
     slot_total[slot] = total;
@@ -316,12 +228,12 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const MergeParams p) {
   }
   __syncthreads();
 
-  const SlotState slots{slot_token, slot_total, slot_count, sizes, slot_recip, slot_unit};
+  const SlotState slots{slot_token, slot_total, slot_count, sizes};
   const int64_t first_row = bh * g.out_length + j * kept;
-  write_tensor_slots<KFmt, kLean>(key_rows, p.keys.dim,
+  write_tensor_slots<KFmt>(key_rows, p.keys.dim,
                            p.out_keys_vec16 && rows_vectorized(p.keys, kelem, staged),
                            p.out_keys + first_row * p.keys.dim * kelem, kept, s, slots);
-  write_tensor_slots<KFmt, kLean>(value_rows, p.values.dim,
+  write_tensor_slots<KFmt>(value_rows, p.values.dim,
                            p.out_values_vec16 && rows_vectorized(p.values, kelem, staged),
                            p.out_values + first_row * p.values.dim * kelem, kept, s, slots);
 }
@@ -358,8 +270,6 @@ inline SmemLayout make_layout(int c, bool merge, const int64_t (&row_bytes)[3], 
   m.slot_token = static_cast<int>(take(merge ? c : 0));
   m.slot_total = static_cast<int>(take(merge ? c : 0));
   m.slot_count = static_cast<int>(take(merge ? c : 0));
-  m.slot_recip = static_cast<int>(take(merge ? c : 0));
-  m.slot_unit = static_cast<int>(take(merge ? c : 0));
   m.bytes = end < INT_MAX ? static_cast<int>(end) : -1;  // -1: too large for any device
   return m;
 }
