@@ -124,6 +124,7 @@ class CentroidKVLayer(CacheLayerMixin):
         # to cluster, a budget to enforce); negative: check every row at the next settle.
         self._quiet = -1
         self.head_end: list[int] = []  # end of [sink | clustered] per row
+        self._row_index = None  # (rows, device index tensor) of the last row group moved
         self._fresh = 0  # tokens appended by the last update
         self._dirty = False  # appended but not yet settled
         self._has_padding = False
@@ -384,7 +385,15 @@ class CentroidKVLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ row-group slot moves
     def _rows(self, rows: list[int]):
-        return slice(None) if len(rows) == len(self.lengths) else torch.tensor(rows, device=self.device)
+        """Index of `rows` into the batch: a slice when all, else a device tensor (one host-to-device
+        copy, made once per row group and shared by its _read and _replace)."""
+        if len(rows) == len(self._lengths):
+            return slice(None)
+        key = tuple(rows)
+        cached = self._row_index
+        if cached is None or cached[0] != key:
+            cached = self._row_index = (key, torch.tensor(rows, device=self.device))
+        return cached[1]
 
     def _read(self, rows: list[int], start: int, stop: int) -> Segment:
         index = self._rows(rows)
