@@ -296,29 +296,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None)
 
 
-def resolve_defaults(args) -> None:
-    gpu = not args.tiny
-    defaults = dict(contexts=[8192, 32768, 65536, 131072] if gpu else [256, 1024],
-                    batches=[1, 8, 32] if gpu else [1, 2], steps=10 if gpu else 3,
-                    warmup=3 if gpu else 1, prefill_context=32768 if gpu else 512,
-                    prefill_reps=3 if gpu else 1, min_point_s=12.0 if gpu else 0.0)
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+DEFAULTS = dict(contexts=([8192, 32768, 65536, 131072], [256, 1024]), batches=([1, 8, 32], [1, 2]),
+                steps=(10, 3), warmup=(3, 1), prefill_context=(32768, 512), prefill_reps=(3, 1),
+                min_point_s=(12.0, 0.0))  # (GPU, --tiny)
 
 
 def main(argv=None, model=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    resolve_defaults(args)
-    deadline = common.Deadline(args.deadline_s)
-    device = common.pick_device(args.device)
-    shape = common.TINY if args.tiny else common.LLAMA3_8B
+    setup = common.start(parser, argv, DEFAULTS, model,
+                         lambda a: max(a.contexts + [a.prefill_context]) + 4096)
+    args, deadline, device, shape, model = setup.args, setup.deadline, setup.device, setup.shape, setup.model
     dtype = shape.dtype
-    if model is None:
-        log(f"building the model ({shape}) on {device} ...")
-        model = common.build_model(shape, device, dtype, max(args.contexts + [args.prefill_context]) + 4096)
     weights = common.weight_bytes_read_per_step(model)
     log(f"{common.device_name(device)}: weights read per step {weights / GB:.2f} GB; "
         f"free {common.free_bytes(device, args.free_gb) / GB:.1f} GB")

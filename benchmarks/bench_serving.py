@@ -165,28 +165,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None)
 
 
-def resolve_defaults(args) -> None:
-    gpu = not args.tiny
-    defaults = dict(prompt=32768 if gpu else 512, generate=256 if gpu else 32,
-                    steps=64 if gpu else 3, stock_steps=6 if gpu else 2, warmup=3 if gpu else 1,
-                    min_point_s=15.0 if gpu else 0.0)
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+DEFAULTS = dict(prompt=(32768, 512), generate=(256, 32), steps=(64, 3), stock_steps=(6, 2),
+                warmup=(3, 1), min_point_s=(15.0, 0.0))  # (GPU, --tiny)
 
 
 def main(argv=None, model=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    resolve_defaults(args)
-    deadline = common.Deadline(args.deadline_s)
-    device = common.pick_device(args.device)
-    shape = common.TINY if args.tiny else common.LLAMA3_8B
+    setup = common.start(parser, argv, DEFAULTS, model, lambda a: a.prompt + a.generate + 4096)
+    args, deadline, device, shape, model = setup.args, setup.deadline, setup.device, setup.shape, setup.model
     dtype = shape.dtype
-    if model is None:
-        log(f"building the model ({shape}) on {device} ...")
-        model = common.build_model(shape, device, dtype, args.prompt + args.generate + 4096)
     serving = run(model, shape, args, device, dtype, deadline)
     payload = dict(env=common.environment(device), shape=shape.__dict__, dtype=str(dtype),
                    args=vars(args), serving=serving)

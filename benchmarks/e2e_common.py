@@ -320,6 +320,32 @@ def environment(device) -> dict:
                 centroidkv_loaded_from=getattr(centroidkv, "LOADED_FROM", None), pid=os.getpid())
 
 
+@dataclass
+class Run:
+    """What every end-to-end benchmark starts from."""
+    args: object
+    deadline: Deadline
+    device: torch.device
+    shape: Shape
+    model: object
+
+
+def start(parser, argv, defaults: dict, model=None, max_positions: Optional[Callable] = None) -> Run:
+    """Parses argv, fills each argument left at None from defaults {name: (gpu, tiny)}, picks the
+    device and builds the model (unless one is given) for max_positions(args) positions."""
+    args = parser.parse_args(argv)
+    for name, (gpu, tiny) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else gpu)
+    device = pick_device(args.device)
+    shape = TINY if args.tiny else LLAMA3_8B
+    deadline = Deadline(args.deadline_s)
+    if model is None:
+        log(f"building the model ({shape}) on {device} ...")
+        model = build_model(shape, device, shape.dtype, max_positions(args))
+    return Run(args, deadline, device, shape, model)
+
+
 def write_json(path: Optional[str], payload: dict) -> None:
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
