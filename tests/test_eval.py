@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from centroidkv.eval import methods as E
-from centroidkv.eval.runner import split_budget
+from centroidkv.eval.runner import split_budget, surprisal
 from centroidkv.protected import absorb_evicted, protect_and_cluster
 
 pytest.importorskip("transformers")
@@ -27,7 +27,28 @@ def _region(m=256, heads=3, budget=96, seed=0):
     g = torch.Generator().manual_seed(seed)
     return E.Region(torch.randn(1, heads, m, 16, generator=g), torch.randn(1, heads, m, 8, generator=g),
                     torch.rand(1, heads, m, generator=g), torch.rand(1, heads, m, generator=g), budget,
-                    torch.Generator().manual_seed(1))
+                    torch.Generator().manual_seed(1), 3 * torch.rand(1, 1, m, generator=g))
+
+
+def test_surprisal_is_the_next_token_loss():
+    g = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(9, 31, generator=g), torch.randint(0, 31, (9,), generator=g).tolist()
+    expected = [1.5] + [float(-torch.log_softmax(logits[t - 1], -1)[ids[t]]) for t in range(1, 9)]
+    torch.testing.assert_close(surprisal(logits, ids, first=1.5), torch.tensor(expected))
+
+
+def test_importance_scores():
+    region = _region()
+    assert E.importance(region, "window") is region.window
+    info = E.importance(region, "surprisal")
+    assert info.shape == region.window.shape and torch.equal(info[0, 2], region.surprisal[0, 0])
+    mixed = E.importance(region, "window+surprisal")  # two distributions over the region, summed
+    torch.testing.assert_close(mixed.sum(-1), torch.full((1, 3), 2.0))
+    with pytest.raises(ValueError, match="scores"):
+        E.importance(region, "keys")
+    region.surprisal = None
+    with pytest.raises(ValueError, match="surprisal"):
+        E.importance(region, "surprisal")
 
 
 @pytest.mark.parametrize("name", [n for n in E.METHODS if n != "full"])

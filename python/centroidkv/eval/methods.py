@@ -27,6 +27,7 @@ class Region:
     totals: Tensor          # [1, H, M] attention summed over all prompt queries
     budget: int
     generator: torch.Generator
+    surprisal: Optional[Tensor] = None  # [1, 1, M] -log p(token | prefix) under the model, nats
 
 
 Result = tuple[Tensor, Tensor, Tensor]  # keys, values, sizes of the `budget` slots
@@ -36,6 +37,26 @@ def _keep(region: Region, index: Tensor) -> Result:
     k = region.keys.gather(2, index[..., None].expand(-1, -1, -1, region.keys.shape[-1]))
     v = region.values.gather(2, index[..., None].expand(-1, -1, -1, region.values.shape[-1]))
     return k, v, torch.ones(index.shape, device=index.device)
+
+
+SCORES = ("window", "surprisal", "window+surprisal")
+
+
+def importance(region: Region, kind: str) -> Tensor:
+    """[1, H, M] per-token importance: observation-window attention, the token's surprisal
+    (query-agnostic: a random pass key is unpredictable, filler prose is not), or the sum of the
+    two, each normalised to a distribution over the region."""
+    if kind == "window":
+        return region.window
+    if region.surprisal is None:
+        raise ValueError("centroidkv.eval: this method needs token surprisal, which the runner records")
+    info = region.surprisal.float().clamp_min(0).expand_as(region.window)
+    if kind == "surprisal":
+        return info
+    if kind == "window+surprisal":
+        unit = lambda x: x / x.sum(-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+        return unit(region.window.float()) + unit(info)
+    raise ValueError(f"centroidkv.eval: scores must be one of {SCORES}, got {kind!r}")
 
 
 @dataclass
@@ -93,13 +114,14 @@ class SnapKV(Method):
     """Top tokens by observation-window attention, max-pooled (Li et al., 2024). The window
     is the last W prompt tokens (the question when it is in the prompt)."""
     pool: int = 7
+    scores: str = "window"
 
     def __post_init__(self):
         if self.pool < 1 or self.pool % 2 == 0:
             raise ValueError(f"SnapKV: pool must be odd >= 1, got {self.pool}")
 
     def compress(self, region):
-        return _keep(region, top_tokens(pooled_scores(region.window, self.pool), region.budget)[0])
+        return _keep(region, top_tokens(pooled_scores(importance(region, self.scores), self.pool), region.budget)[0])
 
 
 @dataclass
@@ -136,13 +158,14 @@ class ProtectedClustering(Method):
     chunk_size: int = 32
     num_merge: Optional[int] = 8
     pool: int = 7
+    scores: str = "window"
 
     def __post_init__(self):
         if not 0.0 <= self.protect_fraction <= 1.0:
             raise ValueError(f"ProtectedClustering: protect_fraction must be in [0, 1], got {self.protect_fraction}")
 
     def compress(self, region):
-        return protect_and_cluster(region.keys, region.values, None, region.window, region.budget,
+        return protect_and_cluster(region.keys, region.values, None, importance(region, self.scores), region.budget,
                                    self.protect_fraction, self.chunk_size, self.num_merge, self.pool)
 
 

@@ -78,7 +78,15 @@ def _pad_to(x: Tensor, length: int) -> Tensor:
     return torch.nn.functional.pad(x, (0, length - x.shape[-1]))
 
 
-def compress_cache(kv, window: list[Tensor], totals: list[Tensor], method, budget: Budget, seed: int):
+def surprisal(logits: Tensor, ids: list[int], first: float = 0.0) -> Tensor:
+    """-log p(ids[t] | ids[:t]) from next-token logits [T, V] of those ids; `first` for ids[0]."""
+    logp = torch.log_softmax(logits[:-1].float(), -1)
+    nll = -logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return torch.cat([torch.tensor([first]), nll])
+
+
+def compress_cache(kv, window: list[Tensor], totals: list[Tensor], method, budget: Budget, seed: int,
+                   info: Optional[Tensor] = None):
     """Per-layer (keys, values) -> compressed (keys, values) and sizes {layer: [1, H, Lc]}."""
     if isinstance(method, Full) or budget.middle == 0:
         return kv, {}
@@ -87,7 +95,8 @@ def compress_cache(kv, window: list[Tensor], totals: list[Tensor], method, budge
     for layer, (k, v) in enumerate(kv):
         gen = torch.Generator().manual_seed(seed * 1000 + layer)
         region = Region(k[:, :, lo:hi], v[:, :, lo:hi], window[layer][..., lo:hi].cpu(),
-                        totals[layer][..., lo:hi].cpu(), budget.kept, gen)
+                        totals[layer][..., lo:hi].cpu(), budget.kept, gen,
+                        None if info is None else info[lo:hi].view(1, 1, -1))
         ck, cv, cs = method.compress(region)
         assert ck.shape[2] == budget.kept, (type(method).__name__, ck.shape, budget.kept)
         ones = torch.ones(1, k.shape[1], 1, device=k.device)
@@ -140,7 +149,8 @@ def run_sample(lm: M.LoadedModel, cfg: Config, sample: Sample, methods: dict, wr
     ctx_ids, q_ids = prompt_parts(lm.tokenizer, sample, cfg.chat)
     state = lm.state
     cache = M.cache_from([], lm.model.config)
-    M.forward(lm, ctx_ids, cache, 0, record=True, last_only=True)
+    ctx_logits = M.forward(lm, ctx_ids, cache, 0, record=True)
+    info_ctx = surprisal(ctx_logits, ctx_ids)
     kv_ctx = M.kv_of(cache)
     rows_ctx = dict(state.window_rows)
     totals_ctx = dict(state.totals)
@@ -150,13 +160,14 @@ def run_sample(lm: M.LoadedModel, cfg: Config, sample: Sample, methods: dict, wr
     full_answer = None
     for setting in cfg.settings:
         if setting == "question_after":
-            kv, feed, p = kv_ctx, q_ids, len(ctx_ids)
+            kv, feed, p, info = kv_ctx, q_ids, len(ctx_ids), info_ctx
             window = [_window_scores(rows_ctx[i], kv_heads) for i in layers]
             totals = [_group_sum(totals_ctx[i], kv_heads) for i in layers]
         else:
             cache_a = M.cache_from(kv_ctx, lm.model.config)
-            M.forward(lm, q_ids[:-1], cache_a, len(ctx_ids), record=True, last_only=True)
+            q_logits = M.forward(lm, q_ids[:-1], cache_a, len(ctx_ids), record=True)
             kv, feed, p = M.kv_of(cache_a), q_ids[-1:], len(ctx_ids) + len(q_ids) - 1
+            info = torch.cat([info_ctx, surprisal(torch.cat([ctx_logits[-1:], q_logits]), ctx_ids[-1:] + q_ids[:-1])[1:]])
             window, totals = [], []
             for i in layers:
                 rows_q = state.window_rows[i]
@@ -171,7 +182,7 @@ def run_sample(lm: M.LoadedModel, cfg: Config, sample: Sample, methods: dict, wr
             if isinstance(method, Full) and full_answer is not None:
                 answer = full_answer  # the full cache gives the same answer in both settings
             else:
-                ckv, sizes = compress_cache(kv, window, totals, method, budget, cfg.seed + sample.index)
+                ckv, sizes = compress_cache(kv, window, totals, method, budget, cfg.seed + sample.index, info)
                 answer = generate(lm, ckv, sizes, feed, p, sample)
             if isinstance(method, Full):
                 full_answer = answer
@@ -187,7 +198,7 @@ def run_prose(lm: M.LoadedModel, cfg: Config, length: int, index: int, ids: list
     kv_heads = lm.model.config.num_key_value_heads
     state = lm.state
     cache = M.cache_from([], lm.model.config)
-    M.forward(lm, ids[:prefix_len], cache, 0, record=True, last_only=True)
+    info = surprisal(M.forward(lm, ids[:prefix_len], cache, 0, record=True), ids[:prefix_len])
     kv = M.kv_of(cache)
     layers = range(len(kv))
     window = [_window_scores(state.window_rows[i], kv_heads) for i in layers]
@@ -198,7 +209,7 @@ def run_prose(lm: M.LoadedModel, cfg: Config, length: int, index: int, ids: list
     for name, ratio in methods:
         method = make_method(name)
         budget = split_budget(prefix_len, ratio, cfg.sink, cfg.min_tail)
-        ckv, sizes = compress_cache(kv, window, totals, method, budget, cfg.seed + index)
+        ckv, sizes = compress_cache(kv, window, totals, method, budget, cfg.seed + index, info)
         logits = M.forward(lm, cont[:-1], M.cache_from(ckv, lm.model.config), prefix_len, sizes=sizes)
         logp = torch.log_softmax(logits, -1)
         if full_logp is None:
