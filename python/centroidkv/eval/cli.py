@@ -21,7 +21,8 @@ def _csv(kind):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="centroidkv eval", description=__doc__)
     p.add_argument("--model", default="smollm2",
-                   help="smollm2 (default, offline GGUF), random-llama (tiny, tests), a folder or folder:file.gguf")
+                   help="smollm2 (default, offline GGUF), gemma3 (Gemma-3-270M, offline GGUF assembled from "
+                        "its chunk packages), random-llama (tiny, tests), a folder or folder:file.gguf")
     p.add_argument("--tasks", type=_csv(str), default=["passkey", "niah_single", "niah_multikey", "prose"],
                    help=f"comma list of {sorted(TASKS) + ['prose']}")
     p.add_argument("--lengths", type=_csv(int), default=[1024], help="context lengths in tokens")
@@ -32,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prose-samples", type=int, default=3)
     p.add_argument("--prose-continuation", type=int, default=128, help="teacher-forced tokens")
     p.add_argument("--settings", type=_csv(str), default=["question_in_prompt", "question_after"])
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template (an error if it has none, as Gemma-3-270M's GGUF)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/eval/latest"))
     p.add_argument("--device", default="cpu")

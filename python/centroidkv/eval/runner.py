@@ -2,7 +2,8 @@
 
 Budget protocol (same for every method, FINDINGS.md): the first `sink` prompt tokens and a tail
 of at least `min_tail` prompt tokens stay exact; the middle, a multiple of `granule` tokens (so
-that every chunk size up to 128 divides it), is cut to (1 - ratio) of its length.
+that every chunk size up to 128 divides it), is cut to (1 - ratio) of its length. The protocol applies to global (full-attention) layers;
+sliding-window layers (Gemma-3's local layers) keep the model's own window cache, exact.
 
 Settings:
 - "question_in_prompt": the prompt up to its last token is prefilled, compressed with the
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from . import model as M
 from .methods import Full, Region, make_method
-from .tasks import Sample, make_samples, prose_texts
+from .tasks import Sample, leading_special_ids, make_samples, prose_texts
 
 
 @dataclass
@@ -85,14 +86,19 @@ def surprisal(logits: Tensor, ids: list[int], first: float = 0.0) -> Tensor:
     return torch.cat([torch.tensor([first]), nll])
 
 
-def compress_cache(kv, window: list[Tensor], totals: list[Tensor], method, budget: Budget, seed: int,
+def compress_cache(kv, window: dict, totals: dict, method, budget: Budget, seed: int,
                    info: Optional[Tensor] = None):
-    """Per-layer (keys, values) -> compressed (keys, values) and sizes {layer: [1, H, Lc]}."""
+    """Per-layer (keys, values) -> compressed (keys, values) and sizes {layer: [1, H, Lc]}.
+    Only the layers that have scores (window and totals, keyed by layer) are compressed; the
+    others (sliding-window layers) are passed through unchanged. `info`: surprisal per token."""
     if isinstance(method, Full) or budget.middle == 0:
         return kv, {}
     out, sizes = [], {}
     lo, hi = budget.sink, budget.sink + budget.middle
     for layer, (k, v) in enumerate(kv):
+        if layer not in window:
+            out.append((k, v))
+            continue
         gen = torch.Generator().manual_seed(seed * 1000 + layer)
         region = Region(k[:, :, lo:hi], v[:, :, lo:hi], window[layer][..., lo:hi].cpu(),
                         totals[layer][..., lo:hi].cpu(), budget.kept, gen,
@@ -111,7 +117,7 @@ def compress_cache(kv, window: list[Tensor], totals: list[Tensor], method, budge
 def generate(lm: M.LoadedModel, kv, sizes, feed: list[int], position: int, sample: Sample) -> str:
     """Greedy answer after feeding `feed` on top of the (compressed) cache."""
     cache = M.cache_from(kv, lm.model.config)
-    stop = {lm.tokenizer.eos_token_id, lm.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    stop = M.stop_token_ids(lm.tokenizer)
     logits = M.forward(lm, feed, cache, position, sizes=sizes, last_only=True)
     position += len(feed)
     out: list[int] = []
@@ -132,15 +138,27 @@ def prompt_parts(tokenizer, sample: Sample, chat: bool = False) -> tuple[list[in
     """Token ids of the context part and of the question part (question + answer prefix).
 
     Plain text by default: SmolLM2-135M-Instruct answers the pass key far more often without its
-    chat template (measured: 2/3 vs 1/3 on three 1k samples). chat=True wraps it in the template."""
+    chat template (measured: 2/3 vs 1/3 on three 1k samples). Gemma-3-270M's GGUF is the base
+    model (google/gemma-3-270m) and has no chat template; wrapped by hand in Gemma's turn markers
+    (<start_of_turn>user ... <end_of_turn><start_of_turn>model) it scored the same as plain text
+    on the same eight 1k samples per task (pass key 3/8 both, single needle 8/8 both), so it
+    gets plain text too. chat=True wraps the prompt in the tokenizer's template. The context
+    starts with the tokens the tokenizer puts first (Gemma's <bos>; none for SmolLM2), unless
+    the template already wrote them."""
     marker = "\u0000"
     head, foot = "", "\n"
-    if chat and getattr(tokenizer, "chat_template", None):
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("centroidkv.eval: chat prompts need a chat template; this tokenizer has none")
         text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
                                              add_generation_prompt=True)
         head, foot = text.split(marker)
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return enc(head + sample.context), enc("\n\n" + sample.question + foot + sample.answer_prefix)
+    lead = leading_special_ids(tokenizer)
+    ctx = enc(head + sample.context)
+    if ctx[:len(lead)] != lead:
+        ctx = lead + ctx
+    return ctx, enc("\n\n" + sample.question + foot + sample.answer_prefix)
 
 
 def run_sample(lm: M.LoadedModel, cfg: Config, sample: Sample, methods: dict, write) -> None:
@@ -154,27 +172,27 @@ def run_sample(lm: M.LoadedModel, cfg: Config, sample: Sample, methods: dict, wr
     kv_ctx = M.kv_of(cache)
     rows_ctx = dict(state.window_rows)
     totals_ctx = dict(state.totals)
-    layers = range(len(kv_ctx))
+    layers = M.compressible_layers(lm.model.config)
     base = {"task": sample.task, "length": sample.length, "sample": sample.index,
             "answers": sample.answers, "context_tokens": len(ctx_ids)}
     full_answer = None
     for setting in cfg.settings:
         if setting == "question_after":
             kv, feed, p, info = kv_ctx, q_ids, len(ctx_ids), info_ctx
-            window = [_window_scores(rows_ctx[i], kv_heads) for i in layers]
-            totals = [_group_sum(totals_ctx[i], kv_heads) for i in layers]
+            window = {i: _window_scores(rows_ctx[i], kv_heads) for i in layers}
+            totals = {i: _group_sum(totals_ctx[i], kv_heads) for i in layers}
         else:
             cache_a = M.cache_from(kv_ctx, lm.model.config)
             q_logits = M.forward(lm, q_ids[:-1], cache_a, len(ctx_ids), record=True)
             kv, feed, p = M.kv_of(cache_a), q_ids[-1:], len(ctx_ids) + len(q_ids) - 1
             info = torch.cat([info_ctx, surprisal(torch.cat([ctx_logits[-1:], q_logits]), ctx_ids[-1:] + q_ids[:-1])[1:]])
-            window, totals = [], []
+            window, totals = {}, {}
             for i in layers:
                 rows_q = state.window_rows[i]
                 need = cfg.window - rows_q.shape[2]
                 rows = rows_q if need <= 0 else torch.cat([_pad_to(rows_ctx[i][:, :, -need:], p), rows_q], 2)
-                window.append(_window_scores(rows, kv_heads))
-                totals.append(_group_sum(_pad_to(totals_ctx[i], p) + state.totals[i], kv_heads))
+                window[i] = _window_scores(rows, kv_heads)
+                totals[i] = _group_sum(_pad_to(totals_ctx[i], p) + state.totals[i], kv_heads)
         for name, ratio in methods:
             method = make_method(name)
             budget = split_budget(p, ratio, cfg.sink, cfg.min_tail)
@@ -200,9 +218,9 @@ def run_prose(lm: M.LoadedModel, cfg: Config, length: int, index: int, ids: list
     cache = M.cache_from([], lm.model.config)
     info = surprisal(M.forward(lm, ids[:prefix_len], cache, 0, record=True), ids[:prefix_len])
     kv = M.kv_of(cache)
-    layers = range(len(kv))
-    window = [_window_scores(state.window_rows[i], kv_heads) for i in layers]
-    totals = [_group_sum(state.totals[i], kv_heads) for i in layers]
+    layers = M.compressible_layers(lm.model.config)
+    window = {i: _window_scores(state.window_rows[i], kv_heads) for i in layers}
+    totals = {i: _group_sum(state.totals[i], kv_heads) for i in layers}
     cont = ids[prefix_len:]
     targets = torch.tensor(cont[1:])
     full_logp = None

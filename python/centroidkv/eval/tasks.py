@@ -51,6 +51,11 @@ class TokenCounter:
         return n
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """Tokens the tokenizer puts before any text (Gemma: <bos>, which it needs; SmolLM2: none)."""
+    return tokenizer("", add_special_tokens=True)["input_ids"]
+
+
 def _filler(rng: random.Random, count: TokenCounter, tokens: int) -> list[str]:
     """Consecutive essay sentences from a random start, about `tokens` tokens in all."""
     sentences = data.essay_sentences()
@@ -194,10 +199,13 @@ def make_samples(task: str, length: int, n: int, seed: int, tokenizer) -> list[S
 
 
 def prose_texts(length: int, continuation: int, n: int, seed: int, tokenizer) -> list[tuple[int, list[int]]]:
-    """n (prefix_length, token ids) windows of length + continuation tokens from the essays."""
+    """n (prefix_length, token ids) windows of length + continuation tokens from the essays,
+    each after the tokens the tokenizer puts first (Gemma's <bos>, counted in the prefix;
+    none for SmolLM2)."""
     texts = data.essay_texts()
     rng = random.Random(f"{seed}/prose/{length}")
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    lead = leading_special_ids(tokenizer)
     need = length + continuation
     starts = sorted(rng.sample(range(len(ids) - need), n))
-    return [(length, ids[s:s + need]) for s in starts]
+    return [(len(lead) + length, lead + ids[s:s + need]) for s in starts]
