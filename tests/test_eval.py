@@ -37,20 +37,6 @@ def test_surprisal_is_the_next_token_loss():
     torch.testing.assert_close(surprisal(logits, ids, first=1.5), torch.tensor(expected))
 
 
-def test_importance_scores():
-    region = _region()
-    assert E.importance(region, "window") is region.window
-    info = E.importance(region, "surprisal")
-    assert info.shape == region.window.shape and torch.equal(info[0, 2], region.surprisal[0, 0])
-    mixed = E.importance(region, "window+surprisal")  # two distributions over the region, summed
-    torch.testing.assert_close(mixed.sum(-1), torch.full((1, 3), 2.0))
-    with pytest.raises(ValueError, match="scores"):
-        E.importance(region, "keys")
-    region.surprisal = None
-    with pytest.raises(ValueError, match="surprisal"):
-        E.importance(region, "surprisal")
-
-
 @pytest.mark.parametrize("name", [n for n in E.METHODS if n != "full"])
 def test_every_method_fills_the_budget_and_conserves_size(name):
     region = _region()

@@ -110,7 +110,7 @@ class CentroidKVLayer(CacheLayerMixin):
         self._clear()
 
     def _clear(self):
-        self.keys = self.values = self.sizes = self.scores = None
+        self.keys = self.values = self.sizes = self.scores = self.info = None
         self.is_initialized = False
         self.seen = 0  # token columns seen: the uncompressed length
         # Live slots per row: `_lengths` plus `_appended` (decode steps add to every row, which
@@ -130,6 +130,7 @@ class CentroidKVLayer(CacheLayerMixin):
         self._has_padding = False
         self._warned = False
         self._clustered_any = False  # until then every head has the same sizes (0/1 by padding)
+        self._awaiting_info = False  # a multi-token call waits for its token scores to cluster
 
     # ----------------------------------------------------------------------------- lengths
     @property
@@ -181,9 +182,11 @@ class CentroidKVLayer(CacheLayerMixin):
         self.sizes = torch.zeros(batch, heads, capacity, dtype=torch.float32, **zeros)
         if self.options.policy.score_window > 0:
             self.scores = torch.zeros(batch, heads, capacity, dtype=torch.float32, **zeros)
+        if self.options.policy.token_scores:  # per head: after clustering, heads hold different tokens
+            self.info = torch.zeros(batch, heads, capacity, dtype=torch.float32, **zeros)
 
     def _buffers(self) -> list[Tensor]:
-        return [b for b in (self.keys, self.values, self.sizes, self.scores) if b is not None]
+        return [b for b in (self.keys, self.values, self.sizes, self.scores, self.info) if b is not None]
 
     @property
     def capacity(self) -> int:
@@ -224,8 +227,9 @@ class CentroidKVLayer(CacheLayerMixin):
             self.keys[:, :, used:used + new].copy_(key_states)
             self.values[:, :, used:used + new].copy_(value_states)
             self.sizes[:, :, used:used + new].fill_(1.0)
-            if self.scores is not None:
-                self.scores[:, :, used:used + new].fill_(0.0)
+            for buf in (self.scores, self.info):
+                if buf is not None:
+                    buf[:, :, used:used + new].fill_(0.0)
             self._lengths_dev = None  # not needed by the attention while rows are alike
         else:
             index = self.lengths_dev[:, None] + torch.arange(new, device=self.device)  # [B, new]
@@ -235,6 +239,8 @@ class CentroidKVLayer(CacheLayerMixin):
             self.sizes.scatter_(2, per_slot, 1.0)
             if self.scores is not None:
                 self.scores.scatter_(2, per_slot, 0.0)
+            if self.info is not None:
+                self.info.scatter_(2, per_slot, 0.0)
             self.lengths_dev.add_(new)  # in place on the device
         self._appended += new
         self._max_len += new
@@ -281,6 +287,22 @@ class CentroidKVLayer(CacheLayerMixin):
         else:
             view.copy_(scores)
 
+    def observe_tokens(self, scores: Tensor, real: Optional[Tensor] = None) -> None:
+        """Per-token scores [B, T] of the last call's T tokens (real [B, T] bool: False for padding,
+        which settle dropped), for policies with token_scores; then clusters what was waiting."""
+        if self.info is None or self.sliding_window is not None:
+            return
+        if scores.shape != (len(self.lengths), self._fresh):
+            raise ValueError(f"CentroidKVCache: token scores must be [batch, tokens of the last call] = "
+                             f"[{len(self.lengths)}, {self._fresh}], got {list(scores.shape)}")
+        scores = scores.to(self.device, torch.float32)
+        for row, length in enumerate(self.lengths):
+            row_scores = scores[row] if real is None else scores[row][real[row].to(self.device)]
+            self.info[row, :, length - row_scores.shape[0]:length] = row_scores
+        if self._awaiting_info:
+            self._awaiting_info = False
+            self._cluster()
+
     # ----------------------------------------------------------------------------- settle
     def settle(self) -> None:
         """Drops padding, then clusters (or, for sliding layers, trims) what left the window."""
@@ -294,16 +316,23 @@ class CentroidKVLayer(CacheLayerMixin):
             # Cheap check first: no row is trimmed unless the longest one is.
             if self._max_len - (self.sliding_window - 1) >= self.options.chunk_size:
                 self._trim_to_window()
-        elif self.options.clusters and self._quiet < 0:  # else no row has anything to cluster
-            self._cluster_overflow()
-            if self.options.budget is not None:
-                self._enforce_budget()
-            self._quiet = self._quiet_tokens()
+        elif self.options.policy.token_scores and self._fresh > 1:
+            self._awaiting_info = True  # observe_tokens clusters, or else the next step does
+        else:
+            self._awaiting_info = False
+            self._cluster()
         if not self._uniform and self._lengths_dev is None:
             _ = self.lengths_dev  # rebuild on this step, which already did work, not the next one
         target = _round_up(self._max_len + self.options.block + 1)
         if self.capacity > target * 3 // 2:
             self._resize(target)
+
+    def _cluster(self) -> None:
+        if self.options.clusters and self._quiet < 0:  # else no row has anything to cluster
+            self._cluster_overflow()
+            if self.options.budget is not None:
+                self._enforce_budget()
+            self._quiet = self._quiet_tokens()
 
     def _quiet_tokens(self) -> int:
         """How many tokens every row can take before `settle` has work again (the clustering and
@@ -398,8 +427,9 @@ class CentroidKVLayer(CacheLayerMixin):
     def _read(self, rows: list[int], start: int, stop: int) -> Segment:
         index = self._rows(rows)
         scores = None if self.scores is None else self.scores[index, :, start:stop]
+        info = None if self.info is None else self.info[index, :, start:stop]
         return Segment(self.keys[index, :, start:stop], self.values[index, :, start:stop],
-                       self.sizes[index, :, start:stop], scores)
+                       self.sizes[index, :, start:stop], scores, info)
 
     def _replace(self, rows: list[int], start: int, stop: int, segment: Segment) -> None:
         """Slots [start, stop) of `rows` (all of one length) become `segment`; the rest moves."""
@@ -415,13 +445,16 @@ class CentroidKVLayer(CacheLayerMixin):
         pieces = [(self.keys, segment.keys), (self.values, segment.values), (self.sizes, segment.sizes)]
         if self.scores is not None:
             pieces.append((self.scores, scores))
+        if self.info is not None:
+            info = segment.info
+            pieces.append((self.info, info if info is not None else torch.zeros_like(segment.sizes)))
         for buf, data in pieces:
             tail = buf[index, :, stop:length].clone()
             buf[index, :, start:end] = data.to(buf.dtype)
             buf[index, :, end:new_length] = tail
-        self.sizes[index, :, new_length:length] = 0.0
-        if self.scores is not None:
-            self.scores[index, :, new_length:length] = 0.0
+        for buf in (self.sizes, self.scores, self.info):
+            if buf is not None:
+                buf[index, :, new_length:length] = 0.0
         lengths = self.lengths
         for row in rows:
             lengths[row] = new_length
@@ -450,6 +483,8 @@ class CentroidKVLayer(CacheLayerMixin):
         self.keys, self.values, self.sizes = (b.index_select(0, index) for b in (self.keys, self.values, self.sizes))
         if self.scores is not None:
             self.scores = self.scores.index_select(0, index)
+        if self.info is not None:
+            self.info = self.info.index_select(0, index)
         picks = index.tolist()
         lengths = self.lengths
         self.lengths = [lengths[i] for i in picks]
@@ -504,6 +539,13 @@ class CentroidKVCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(CentroidKVLayer(self.options))
         return self.layers[layer_idx].update(key_states, value_states)
+
+    def observe_tokens(self, scores: Tensor, real: Optional[Tensor] = None) -> None:
+        """Per-token scores [B, T] (e.g. surprisal) of the last forward call's T tokens, for
+        policies with `token_scores`; real [B, T] bool marks non-padding tokens. Layers that
+        deferred clustering for these scores cluster now. `centroidkv.prefill` calls this."""
+        for layer in self.layers:
+            layer.observe_tokens(scores, real)
 
     def memory_bytes(self) -> KVMemory:
         """Bytes held by every layer's buffers (keys, values, sizes, scores), and their total."""

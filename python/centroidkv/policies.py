@@ -63,6 +63,7 @@ class Segment:
     values: Tensor  # [N, H, L, Dv]
     sizes: Tensor  # [N, H, L] float32: tokens each slot stands for (0 = empty, weightless)
     scores: Optional[Tensor] = None  # [N, H, L] float32 observation scores, if the policy asked
+    info: Optional[Tensor] = None  # [N, H, L] float32 per-token scores (token_scores policies)
 
     @property
     def length(self) -> int:
@@ -76,6 +77,10 @@ class Policy(ABC):
     score_window: ClassVar[int] = 0
     # False: each forward call's window replaces the scores; True: they add up over calls.
     accumulate_scores: ClassVar[bool] = False
+    # True: the policy also ranks by a per-token score the caller hands over after a multi-token
+    # call (CentroidKVCache.observe_tokens; centroidkv.prefill hands the tokens' surprisal). Such a
+    # call is clustered only then (or at the next step, without them).
+    token_scores: ClassVar[bool] = False
 
     def block_size(self, ratio: float, chunk_size: int) -> int:
         """Tokens handed over at a time: the smallest run whose passes all see whole chunks."""

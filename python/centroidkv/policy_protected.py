@@ -17,7 +17,7 @@ from typing import ClassVar, Optional
 import torch
 
 from .policies import Policy, Segment
-from .protected import absorb_evicted, pooled_scores, protect_and_cluster, protected_count, top_tokens
+from .protected import absorb_evicted, protect_and_cluster, protected_count, protection_scores, top_tokens
 
 
 def _budget(length: int, ratio: float) -> int:
@@ -26,19 +26,30 @@ def _budget(length: int, ratio: float) -> int:
 
 @dataclass
 class ProtectedClustering(Policy):
-    """[top tokens by max-pooled window attention, exact | the rest clustered] (protected.py).
+    """[top tokens by max-pooled window attention (and token surprisal), exact | the rest
+    clustered] (protected.py).
 
     Args:
         protect_fraction: share of each segment's budget kept exact (0 = plain clustering).
         num_merge: sources merged per chunk and pass; None = c/2 (the paper's), smaller values
             merge only the most redundant pairs and take more passes (default c/4 at c = 32).
-        pool: max-pool width over scores (odd), so a needle's neighbours are protected with it.
+        pool: max-pool width over window scores (odd), so a needle's sentence is protected with
+            the word the question attends to.
+        info_share: share of the protected slots ranked by token surprisal rather than window
+            attention: recall that survives a question asked after compression. Needs the
+            tokens' surprisal, which `centroidkv.prefill` hands the cache; without it the
+            window ranks every protected slot.
     """
     protect_fraction: float = 0.9
     num_merge: Optional[int] = 8
-    pool: int = 7
+    pool: int = 31
+    info_share: float = 0.0
     score_window: ClassVar[int] = 32
     accumulate_scores: ClassVar[bool] = False
+
+    @property
+    def token_scores(self) -> bool:
+        return self.info_share > 0
 
     def __post_init__(self):
         if not 0.0 <= self.protect_fraction <= 1.0:
@@ -47,19 +58,27 @@ class ProtectedClustering(Policy):
             raise ValueError(f"ProtectedClustering: num_merge must be >= 1 or None, got {self.num_merge}")
         if self.pool < 1 or self.pool % 2 == 0:
             raise ValueError(f"ProtectedClustering: pool must be odd >= 1, got {self.pool}")
+        if not 0.0 <= self.info_share <= 1.0:
+            raise ValueError(f"ProtectedClustering: info_share must be in [0, 1], got {self.info_share}")
 
     def _run(self, segment: Segment, budget: int, chunk_size: int) -> Segment:
         num_merge = None if self.num_merge is None else min(self.num_merge, chunk_size // 2)
-        keys, values, sizes = protect_and_cluster(segment.keys, segment.values, segment.sizes,
-                                                  segment.scores, budget, self.protect_fraction,
-                                                  chunk_size, num_merge, self.pool)
-        scores = None
-        if segment.scores is not None:  # protected slots keep their scores for later passes
-            protect = protected_count(budget, self.protect_fraction)
-            kept = top_tokens(pooled_scores(segment.scores, self.pool), protect)[0]
+        protect = protected_count(budget, self.protect_fraction)
+        ranking = protection_scores(segment.scores, segment.info, protect, self.info_share, self.pool)
+        keys, values, sizes = protect_and_cluster(segment.keys, segment.values, segment.sizes, ranking, budget,
+                                                  self.protect_fraction, chunk_size, num_merge, pool=1)
+        if ranking is None:
+            return Segment(keys, values, sizes)
+        # Protected slots keep their scores for later passes; clustered slots start from zero.
+        kept = top_tokens(ranking, protect)[0]
+        scores = info = None
+        if segment.scores is not None:
             scores = torch.zeros_like(sizes)
             scores[:, :, :protect] = segment.scores.gather(2, kept)
-        return Segment(keys, values, sizes, scores)
+        if segment.info is not None:
+            info = torch.zeros_like(sizes)
+            info[:, :, :protect] = segment.info.gather(2, kept)
+        return Segment(keys, values, sizes, scores, info)
 
     def compress(self, segment: Segment, *, ratio: float, chunk_size: int) -> Segment:
         return self._run(segment, _budget(segment.length, ratio), chunk_size)

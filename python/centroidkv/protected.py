@@ -40,6 +40,26 @@ def top_tokens(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
     return order[..., :count].sort(dim=-1).values, order[..., count:].sort(dim=-1).values
 
 
+def protection_scores(window: Optional[Tensor], info: Optional[Tensor], protect: int, info_share: float = 0.0,
+                      pool: int = 7, info_pool: int = 31) -> Optional[Tensor]:
+    """Scores [B, H, L] whose top `protect` are the tokens to keep exact: the top
+    round((1 - info_share) * protect) by max-pooled window attention, then the best of the rest by
+    max-pooled token surprisal `info` [B, H or 1, L] (query-agnostic: a needle is unpredictable text,
+    prose mostly is not). Pooling keeps a chosen token's neighbours (its sentence) with it. Without
+    token scores (None or all zero) the window ranks everything."""
+    if info is None or info_share <= 0 or not bool(info.any()):
+        return None if window is None else pooled_scores(window, pool)
+    info = pooled_scores(info.expand(info.shape[0], window.shape[1] if window is not None else 1, -1), info_pool)
+    if window is None:
+        return info
+    from_window = round((1.0 - info_share) * protect)
+    chosen = pooled_scores(window, pool).sort(dim=-1, descending=True, stable=True).indices[..., :from_window]
+    ranking = torch.zeros_like(info).scatter_(-1, chosen, 3.0)
+    rest = info.masked_fill(ranking > 0, float("-inf"))
+    chosen = rest.sort(dim=-1, descending=True, stable=True).indices[..., :protect - from_window]
+    return ranking.scatter_(-1, chosen, 2.0)
+
+
 def _gather(x: Tensor, index: Tensor) -> Tensor:
     if x.dim() == 4:
         return x.gather(2, index[..., None].expand(-1, -1, -1, x.shape[-1]))

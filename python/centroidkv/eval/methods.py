@@ -2,9 +2,9 @@
 
 A method turns the middle region of one layer's prompt cache (between the exact sink and tail,
 see budget.py) into exactly `budget` slots per KV head. It sees that region's keys and values,
-and importance scores recorded during the prefill: `window` (attention of the last W prompt
-queries) and `totals` (attention summed over all prompt queries), both summed over the query
-heads of each KV head's group. Product policies (centroidkv.protected) and evaluation-only
+and scores recorded during the prefill: `window` (attention of the last W prompt queries) and
+`totals` (attention summed over all prompt queries), both summed over the query heads of each KV
+head's group, and each token's `surprisal` under the model (query-agnostic). Product policies (centroidkv.protected) and evaluation-only
 baselines and ablations live side by side here so that they run under one protocol.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..cluster_budget import PARTITIONS, cluster_to_budget
-from ..protected import absorb_evicted, pooled_scores, protect_and_cluster, top_tokens
+from ..protected import absorb_evicted, protect_and_cluster, protected_count, protection_scores, top_tokens
 
 
 @dataclass
@@ -37,26 +37,6 @@ def _keep(region: Region, index: Tensor) -> Result:
     k = region.keys.gather(2, index[..., None].expand(-1, -1, -1, region.keys.shape[-1]))
     v = region.values.gather(2, index[..., None].expand(-1, -1, -1, region.values.shape[-1]))
     return k, v, torch.ones(index.shape, device=index.device)
-
-
-SCORES = ("window", "surprisal", "window+surprisal")
-
-
-def importance(region: Region, kind: str) -> Tensor:
-    """[1, H, M] per-token importance: observation-window attention, the token's surprisal
-    (query-agnostic: a random pass key is unpredictable, filler prose is not), or the sum of the
-    two, each normalised to a distribution over the region."""
-    if kind == "window":
-        return region.window
-    if region.surprisal is None:
-        raise ValueError("centroidkv.eval: this method needs token surprisal, which the runner records")
-    info = region.surprisal.float().clamp_min(0).expand_as(region.window)
-    if kind == "surprisal":
-        return info
-    if kind == "window+surprisal":
-        unit = lambda x: x / x.sum(-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
-        return unit(region.window.float()) + unit(info)
-    raise ValueError(f"centroidkv.eval: scores must be one of {SCORES}, got {kind!r}")
 
 
 @dataclass
@@ -114,14 +94,15 @@ class SnapKV(Method):
     """Top tokens by observation-window attention, max-pooled (Li et al., 2024). The window
     is the last W prompt tokens (the question when it is in the prompt)."""
     pool: int = 7
-    scores: str = "window"
+    info_share: float = 0.0  # share of the budget ranked by token surprisal instead (1 = surprisal only)
 
     def __post_init__(self):
         if self.pool < 1 or self.pool % 2 == 0:
             raise ValueError(f"SnapKV: pool must be odd >= 1, got {self.pool}")
 
     def compress(self, region):
-        return _keep(region, top_tokens(pooled_scores(importance(region, self.scores), self.pool), region.budget)[0])
+        scores = protection_scores(region.window, region.surprisal, region.budget, self.info_share, self.pool)
+        return _keep(region, top_tokens(scores, region.budget)[0])
 
 
 @dataclass
@@ -158,15 +139,17 @@ class ProtectedClustering(Method):
     chunk_size: int = 32
     num_merge: Optional[int] = 8
     pool: int = 7
-    scores: str = "window"
+    info_share: float = 0.0  # share of the protected slots ranked by token surprisal
 
     def __post_init__(self):
         if not 0.0 <= self.protect_fraction <= 1.0:
             raise ValueError(f"ProtectedClustering: protect_fraction must be in [0, 1], got {self.protect_fraction}")
 
     def compress(self, region):
-        return protect_and_cluster(region.keys, region.values, None, importance(region, self.scores), region.budget,
-                                   self.protect_fraction, self.chunk_size, self.num_merge, self.pool)
+        protect = protected_count(region.budget, self.protect_fraction)
+        scores = protection_scores(region.window, region.surprisal, protect, self.info_share, self.pool)
+        return protect_and_cluster(region.keys, region.values, None, scores, region.budget,
+                                   self.protect_fraction, self.chunk_size, self.num_merge, pool=1)
 
 
 @dataclass
@@ -201,6 +184,8 @@ METHODS = {
     # eviction baselines
     "streaming": StreamingLLM,
     "snapkv": SnapKV,
+    "snapkv_p31": lambda: SnapKV(pool=31),            # wider neighbourhood: whole needle sentences
+    "surprisal": lambda: SnapKV(info_share=1.0),      # query-agnostic: most surprising tokens (pool 31)
     "h2o": H2O,
     "knorm": KeyNorm,
     "random": Random,
@@ -208,6 +193,10 @@ METHODS = {
     # product policy candidates
     "protected50": lambda: ProtectedClustering(protect_fraction=0.5),
     "protected90": lambda: ProtectedClustering(protect_fraction=0.9),
+    "protected90_p31": lambda: ProtectedClustering(protect_fraction=0.9, pool=31),
+    "protected90_s30": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3),
+    "protected90_s50": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.5),
+    "protected90_s100": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=1.0),
     "protected90_nobias": lambda: ProtectedClustering(protect_fraction=0.9, size_bias=False),
     "absorb_p50": lambda: AbsorbEvicted(protect_fraction=0.5),
     "absorb_p90": lambda: AbsorbEvicted(protect_fraction=0.9),

@@ -1,0 +1,130 @@
+"""Token-surprisal protection: protection_scores, the cache's deferred clustering, centroidkv.prefill."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import centroidkv  # noqa: E402
+from centroidkv.cache import cache_argument  # noqa: E402
+from centroidkv.policy_protected import ProtectedClustering  # noqa: E402
+from centroidkv.protected import pooled_scores, protection_scores, top_tokens  # noqa: E402
+
+
+def _scores(heads=2, length=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, heads, length, generator=g), 5 * torch.rand(1, 1, length, generator=g)
+
+
+def test_protection_scores_split_between_window_and_surprisal():
+    window, info = _scores()
+    protect = 40
+    ranking = protection_scores(window, info, protect, info_share=0.25, pool=7, info_pool=31)
+    kept = set(top_tokens(ranking, protect)[0][0, 1].tolist())
+    by_window = top_tokens(pooled_scores(window, 7), 30)[0][0, 1].tolist()
+    assert set(by_window) <= kept and len(kept) == protect
+    rest = pooled_scores(info.expand(1, 2, -1), 31)[0, 1].clone()
+    rest[by_window] = float("-inf")
+    assert kept - set(by_window) == set(rest.sort(descending=True, stable=True).indices[:10].tolist())
+
+
+def test_protection_scores_fall_back_to_the_window():
+    window, info = _scores()
+    expected = pooled_scores(window, 7)
+    for missing in (None, torch.zeros_like(info)):  # no surprisal handed over: window only
+        assert torch.equal(protection_scores(window, missing, 40, info_share=0.5, pool=7), expected)
+    assert torch.equal(protection_scores(window, info, 40, info_share=0.0, pool=7), expected)
+
+
+def _model(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="centroidkv")
+    return LlamaForCausalLM(config).eval()
+
+
+def test_prefill_hands_the_cache_each_tokens_surprisal(monkeypatch):
+    model = _model()
+    ids = torch.randint(0, 97, (2, 300), generator=torch.Generator().manual_seed(1))
+    seen = {}
+    monkeypatch.setattr(centroidkv.CentroidKVCache, "observe_tokens",
+                        lambda self, scores, real=None: seen.update(scores=scores, real=real))
+    cache = centroidkv.CentroidKVCache(ratio=0.5, policy=ProtectedClustering(info_share=0.5))
+    last = centroidkv.prefill(model, ids, cache, logits_chunk=64)  # several chunks, a short last one
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    torch.testing.assert_close(seen["scores"][:, 1:], nll, atol=1e-4, rtol=1e-4)
+    assert (seen["scores"][:, 0] == 0).all() and seen["real"] is None
+    torch.testing.assert_close(last, logits[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_clustering_waits_for_token_scores():
+    model = _model()
+    ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(2))
+    window_only = centroidkv.CentroidKVCache(ratio=0.75, policy=ProtectedClustering())
+    with torch.no_grad():
+        model(ids, **{cache_argument(model): window_only})
+    clustered = window_only.live_slots()[0]
+    assert clustered < 300
+
+    waiting = centroidkv.CentroidKVCache(ratio=0.75, policy=ProtectedClustering(info_share=0.5))
+    with torch.no_grad():
+        model(ids, **{cache_argument(model): waiting})
+        assert waiting.live_slots() == [300]  # deferred: no token scores yet
+        model(ids[:, :1], **{cache_argument(model): waiting})  # the next step clusters without them
+    assert waiting.live_slots() == [clustered + 1]
+
+    handed = centroidkv.CentroidKVCache(ratio=0.75, policy=ProtectedClustering(info_share=0.5))
+    centroidkv.prefill(model, ids, handed)
+    assert handed.live_slots() == [clustered]  # same budget, clustered at once
+    with pytest.raises(ValueError, match="token scores"):
+        handed.observe_tokens(torch.zeros(1, 7))
+
+
+def test_surprisal_protects_the_surprising_tokens():
+    """With every protected slot ranked by surprisal, the tokens handed the highest scores stay exact."""
+    model = _model()
+    ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(3))
+    cache = centroidkv.CentroidKVCache(ratio=0.5, sink=4, recent=64,
+                                       policy=ProtectedClustering(info_share=1.0, num_merge=None))
+    with torch.no_grad():
+        model(ids, **{cache_argument(model): cache})
+    keys_before = cache.layers[0].keys[0, :, :300].clone()
+    scores = torch.zeros(1, 300)
+    scores[0, 100] = 50.0  # one surprising token in the clustered region
+    cache.observe_tokens(scores)
+    layer = cache.layers[0]
+    live = layer.keys[0, :, :layer.lengths[0]]
+    for head in range(live.shape[0]):  # the key of token 100 survives exactly, with size 1
+        match = (live[head] == keys_before[head, 100]).all(-1)
+        assert match.any() and layer.sizes[0, head, :layer.lengths[0]][match].eq(1).all()
+
+
+def test_prefill_with_padding_and_generate():
+    model = _model()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 97, (2, 260), generator=g)
+    mask = torch.ones(2, 260, dtype=torch.long)
+    mask[1, :40] = 0  # row 1 is left-padded
+    cache = centroidkv.CentroidKVCache(ratio=0.5, policy=ProtectedClustering(info_share=0.5))
+    centroidkv.prefill(model, ids[:, :-1], cache, attention_mask=mask[:, :-1])
+    alone = centroidkv.CentroidKVCache(ratio=0.5, policy=ProtectedClustering(info_share=0.5))
+    centroidkv.prefill(model, ids[1:, 40:-1], alone)
+    assert cache.live_slots()[1] == alone.live_slots()[0]  # padding dropped, same layout as alone
+    out = model.generate(ids, attention_mask=mask, **{cache_argument(model): cache}, max_new_tokens=4,
+                         do_sample=False)
+    assert out.shape == (2, 264)
+
+
+def test_prefill_validates_arguments():
+    model = _model()
+    with pytest.raises(TypeError, match="cache"):
+        centroidkv.prefill(model, torch.zeros(1, 5, dtype=torch.long), object())
+    cache = centroidkv.CentroidKVCache(ratio=0.5)
+    with pytest.raises(ValueError, match="input_ids"):
+        centroidkv.prefill(model, torch.zeros(5, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="attention_mask"):
+        centroidkv.prefill(model, torch.zeros(1, 5, dtype=torch.long), cache, attention_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="info_share"):
+        ProtectedClustering(info_share=1.5)
