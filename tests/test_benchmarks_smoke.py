@@ -134,3 +134,20 @@ def test_deadline_skips_points(tmp_path):
     data = run_script("bench_decode.py", "--contexts", "256", "--batches", "1", "--deadline-s", "0",
                       "--min-point-s", "1", "--no-prefill", tmp_path=tmp_path)
     assert data["decode"] and all(r["status"] == "skipped" and r["reason"] == "deadline" for r in data["decode"])
+
+
+@pytest.mark.slow  # loads SmolLM2 (GGUF) and generates through the real cache
+def test_eval_cache_e2e_smoke(tmp_path):
+    from centroidkv.eval import data
+    try:
+        data.smollm2_gguf()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    import eval_cache_e2e
+    out = tmp_path / "e2e.json"
+    payload = eval_cache_e2e.main(["--tasks", "passkey", "--length", "256", "--samples", "1", "--ratios", "0.75",
+                                   "--configs", "full,default_surprisal", "--json", str(out)])
+    assert json.loads(out.read_text())["summary"] == payload["summary"]
+    assert {(r["setting"], r["config"]) for r in payload["rows"]} == {
+        (s, c) for s in ("question_in_prompt", "question_after") for c in ("full", "default_surprisal")}
+    assert all(0.0 <= r["score"] <= 1.0 and isinstance(r["generated"], str) for r in payload["rows"])
