@@ -117,6 +117,18 @@ def test_prefill_with_padding_and_generate():
     assert out.shape == (2, 264)
 
 
+def test_prefill_without_token_scores_is_a_plain_prefill():
+    model = _model()
+    ids = torch.randint(0, 97, (1, 200), generator=torch.Generator().manual_seed(5))
+    cache = centroidkv.CentroidKVCache(ratio=0.5, policy=ProtectedClustering())
+    last = centroidkv.prefill(model, ids, cache)
+    reference = centroidkv.CentroidKVCache(ratio=0.5, policy=ProtectedClustering())
+    with torch.no_grad():
+        logits = model(ids, **{cache_argument(model): reference}).logits[:, -1]
+    torch.testing.assert_close(last, logits)
+    assert cache.live_slots() == reference.live_slots() and cache.layers[0].info is None
+
+
 def test_prefill_validates_arguments():
     model = _model()
     with pytest.raises(TypeError, match="cache"):

@@ -70,6 +70,10 @@ def run_generation(model, tokenizer, prompt: str, cache, max_new_tokens: int, de
         torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.no_grad():
+        policy = getattr(getattr(cache, "options", None), "policy", None)
+        if getattr(policy, "token_scores", False) and inputs["input_ids"].shape[1] > 1:
+            from .prefill import prefill  # the policy ranks by token surprisal: hand it over
+            prefill(model, inputs["input_ids"][:, :-1], cache, inputs["attention_mask"][:, :-1])
         output = model.generate(**inputs, **{cache_argument(model): cache}, max_new_tokens=max_new_tokens,
                                 do_sample=False, streamer=streamer, pad_token_id=tokenizer.eos_token_id)
     if device.startswith("cuda"):

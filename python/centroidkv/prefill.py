@@ -42,6 +42,8 @@ def prefill(model, input_ids: Tensor, cache: CentroidKVCache, attention_mask: Op
     if attention_mask is not None:  # positions as generate derives them under left padding
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0) + past
         kwargs.update(attention_mask=attention_mask, position_ids=position_ids)
+    if not cache.options.policy.token_scores:  # nothing to hand over: a plain prefill
+        return model(input_ids=input_ids, logits_to_keep=1, **kwargs).logits[:, -1].float()
     hidden = model.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)

@@ -140,6 +140,7 @@ class ProtectedClustering(Method):
     num_merge: Optional[int] = 8
     pool: int = 7
     info_share: float = 0.0  # share of the protected slots ranked by token surprisal
+    info_pool: int = 31
 
     def __post_init__(self):
         if not 0.0 <= self.protect_fraction <= 1.0:
@@ -147,7 +148,8 @@ class ProtectedClustering(Method):
 
     def compress(self, region):
         protect = protected_count(region.budget, self.protect_fraction)
-        scores = protection_scores(region.window, region.surprisal, protect, self.info_share, self.pool)
+        scores = protection_scores(region.window, region.surprisal, protect, self.info_share, self.pool,
+                                   self.info_pool)
         return protect_and_cluster(region.keys, region.values, None, scores, region.budget,
                                    self.protect_fraction, self.chunk_size, self.num_merge, pool=1)
 
@@ -196,6 +198,9 @@ METHODS = {
     "protected90_p31": lambda: ProtectedClustering(protect_fraction=0.9, pool=31),
     "protected90_s30": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3),
     "protected90_s50": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.5),
+    "protected90_p7s50": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.5),
+    "protected90_p7s30": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.3),
+    "protected90_p7s30i15": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.3, info_pool=15),
     "protected90_s100": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=1.0),
     "protected90_nobias": lambda: ProtectedClustering(protect_fraction=0.9, size_bias=False),
     "absorb_p50": lambda: AbsorbEvicted(protect_fraction=0.5),
