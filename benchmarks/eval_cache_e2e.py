@@ -35,9 +35,11 @@ from centroidkv.policy_protected import ProtectedClustering
 CONFIGS = {  # name -> (policy or None for the full cache, prefill hands surprisal)
     "full": (None, False),
     "paper": (PlainClustering(), False),
-    "protected90_pool7": (ProtectedClustering(pool=7), False),
-    "default": (ProtectedClustering(), False),
-    "default_surprisal": (ProtectedClustering(info_share=0.5), True),
+    "window_pool7": (ProtectedClustering(pool=7, info_share=0.0), False),
+    "window_pool31": (ProtectedClustering(pool=31, info_share=0.0), False),
+    "surprisal30": (ProtectedClustering(pool=31, info_share=0.3), True),
+    "surprisal50": (ProtectedClustering(pool=31, info_share=0.5), True),
+    "surprisal50_plain_prefill": (ProtectedClustering(pool=31, info_share=0.5), False),  # falls back to the window
 }
 
 

@@ -146,8 +146,8 @@ def test_eval_cache_e2e_smoke(tmp_path):
     import eval_cache_e2e
     out = tmp_path / "e2e.json"
     payload = eval_cache_e2e.main(["--tasks", "passkey", "--length", "256", "--samples", "1", "--ratios", "0.75",
-                                   "--configs", "full,default_surprisal", "--json", str(out)])
+                                   "--configs", "full,surprisal50", "--json", str(out)])
     assert json.loads(out.read_text())["summary"] == payload["summary"]
     assert {(r["setting"], r["config"]) for r in payload["rows"]} == {
-        (s, c) for s in ("question_in_prompt", "question_after") for c in ("full", "default_surprisal")}
+        (s, c) for s in ("question_in_prompt", "question_after") for c in ("full", "surprisal50")}
     assert all(0.0 <= r["score"] <= 1.0 and isinstance(r["generated"], str) for r in payload["rows"])
