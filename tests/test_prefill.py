@@ -59,25 +59,31 @@ def test_prefill_hands_the_cache_each_tokens_surprisal(monkeypatch):
     torch.testing.assert_close(last, logits[:, -1], atol=1e-4, rtol=1e-4)
 
 
-def test_clustering_waits_for_token_scores():
+def test_clustering_waits_for_token_scores_only_inside_prefill(monkeypatch):
     model = _model()
     ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(2))
-    window_only = centroidkv.CentroidKVCache(ratio=0.75, policy=ProtectedClustering())
+    window_only = centroidkv.CentroidKVCache(ratio=0.75, policy=ProtectedClustering(info_share=0.0))
     with torch.no_grad():
         model(ids, **{cache_argument(model): window_only})
     clustered = window_only.live_slots()[0]
     assert clustered < 300
 
-    waiting = centroidkv.CentroidKVCache(ratio=0.75, policy=ProtectedClustering(info_share=0.5))
+    # A plain forward clusters at once; with no token scores the window ranks everything.
+    plain = centroidkv.CentroidKVCache(ratio=0.75, policy=ProtectedClustering(info_share=0.5))
     with torch.no_grad():
-        model(ids, **{cache_argument(model): waiting})
-        assert waiting.live_slots() == [300]  # deferred: no token scores yet
-        model(ids[:, :1], **{cache_argument(model): waiting})  # the next step clusters without them
-    assert waiting.live_slots() == [clustered + 1]
+        model(ids, **{cache_argument(model): plain})
+    assert plain.live_slots() == [clustered]
+    assert torch.equal(plain.layers[1].keys[:, :, :clustered], window_only.layers[1].keys[:, :, :clustered])
 
+    # Inside prefill the layers hold the prompt until the scores arrive, then cluster it.
+    held = []
+    observe = centroidkv.CentroidKVCache.observe_tokens
+    monkeypatch.setattr(centroidkv.CentroidKVCache, "observe_tokens",
+                        lambda self, *a, **k: (held.append(self.live_slots()), observe(self, *a, **k)))
     handed = centroidkv.CentroidKVCache(ratio=0.75, policy=ProtectedClustering(info_share=0.5))
     centroidkv.prefill(model, ids, handed)
-    assert handed.live_slots() == [clustered]  # same budget, clustered at once
+    assert held == [[300]] and handed.live_slots() == [clustered]  # same budget
+    assert not handed.token_score_gate.waiting
     with pytest.raises(ValueError, match="token scores"):
         handed.observe_tokens(torch.zeros(1, 7))
 
@@ -88,8 +94,10 @@ def test_surprisal_protects_the_surprising_tokens():
     ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(3))
     cache = centroidkv.CentroidKVCache(ratio=0.5, sink=4, recent=64,
                                        policy=ProtectedClustering(info_share=1.0, num_merge=None))
+    cache.token_score_gate.waiting = True  # as inside centroidkv.prefill
     with torch.no_grad():
         model(ids, **{cache_argument(model): cache})
+    cache.token_score_gate.waiting = False
     keys_before = cache.layers[0].keys[0, :, :300].clone()
     scores = torch.zeros(1, 300)
     scores[0, 100] = 50.0  # one surprising token in the clustered region
@@ -120,9 +128,9 @@ def test_prefill_with_padding_and_generate():
 def test_prefill_without_token_scores_is_a_plain_prefill():
     model = _model()
     ids = torch.randint(0, 97, (1, 200), generator=torch.Generator().manual_seed(5))
-    cache = centroidkv.CentroidKVCache(ratio=0.5, policy=ProtectedClustering())
+    cache = centroidkv.CentroidKVCache(ratio=0.5, policy=ProtectedClustering(info_share=0.0))
     last = centroidkv.prefill(model, ids, cache)
-    reference = centroidkv.CentroidKVCache(ratio=0.5, policy=ProtectedClustering())
+    reference = centroidkv.CentroidKVCache(ratio=0.5, policy=ProtectedClustering(info_share=0.0))
     with torch.no_grad():
         logits = model(ids, **{cache_argument(model): reference}).logits[:, -1]
     torch.testing.assert_close(last, logits)

@@ -91,6 +91,12 @@ class CacheOptions:
         return self.ratio > 0 or self.budget is not None
 
 
+class TokenScoreGate:
+    """Shared by a cache's layers: open while centroidkv.prefill runs its forward, so that
+    policies ranking by token scores wait for them (observe_tokens) instead of clustering."""
+    waiting = False
+
+
 class KVMemory(NamedTuple):
     total: int  # bytes held by all layers' buffers
     per_layer: list  # bytes per layer
@@ -102,9 +108,10 @@ class CentroidKVLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, options: CacheOptions):
+    def __init__(self, options: CacheOptions, gate: Optional[TokenScoreGate] = None):
         super().__init__()
         self.options = options
+        self.gate = gate if gate is not None else TokenScoreGate()
         self.is_sliding = False
         self.sliding_window: Optional[int] = None
         self._clear()
@@ -316,7 +323,7 @@ class CentroidKVLayer(CacheLayerMixin):
             # Cheap check first: no row is trimmed unless the longest one is.
             if self._max_len - (self.sliding_window - 1) >= self.options.chunk_size:
                 self._trim_to_window()
-        elif self.options.policy.token_scores and self._fresh > 1:
+        elif self.gate.waiting and self.options.policy.token_scores:
             self._awaiting_info = True  # observe_tokens clusters, or else the next step does
         else:
             self._awaiting_info = False
@@ -534,10 +541,11 @@ class CentroidKVCache(Cache):
                              f"= {sink + recent + chunk_size}, got {budget!r}")
         super().__init__(layers=[])
         self.options = CacheOptions(float(ratio), budget, chunk_size, sink, recent, validate_policy(policy))
+        self.token_score_gate = TokenScoreGate()
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
-            self.layers.append(CentroidKVLayer(self.options))
+            self.layers.append(CentroidKVLayer(self.options, self.token_score_gate))
         return self.layers[layer_idx].update(key_states, value_states)
 
     def observe_tokens(self, scores: Tensor, real: Optional[Tensor] = None) -> None:

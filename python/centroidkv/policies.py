@@ -77,9 +77,9 @@ class Policy(ABC):
     score_window: ClassVar[int] = 0
     # False: each forward call's window replaces the scores; True: they add up over calls.
     accumulate_scores: ClassVar[bool] = False
-    # True: the policy also ranks by a per-token score the caller hands over after a multi-token
-    # call (CentroidKVCache.observe_tokens; centroidkv.prefill hands the tokens' surprisal). Such a
-    # call is clustered only then (or at the next step, without them).
+    # True: the policy also ranks by per-token scores (segment.info) that centroidkv.prefill hands
+    # over (the tokens' surprisal, CentroidKVCache.observe_tokens); its forward is clustered only
+    # then. A plain forward clusters at once, with info all zero.
     token_scores: ClassVar[bool] = False
 
     def block_size(self, ratio: float, chunk_size: int) -> int:

@@ -44,7 +44,11 @@ def prefill(model, input_ids: Tensor, cache: CentroidKVCache, attention_mask: Op
         kwargs.update(attention_mask=attention_mask, position_ids=position_ids)
     if not cache.options.policy.token_scores:  # nothing to hand over: a plain prefill
         return model(input_ids=input_ids, logits_to_keep=1, **kwargs).logits[:, -1].float()
-    hidden = model.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state
+    cache.token_score_gate.waiting = True  # layers hold this call's tokens until observe_tokens
+    try:
+        hidden = model.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state
+    finally:
+        cache.token_score_gate.waiting = False
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     batch, tokens = input_ids.shape
