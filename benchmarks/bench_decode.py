@@ -6,8 +6,10 @@ decodes one token per row with:
   static_sdpa  StaticCache (preallocated, written in place) + "sdpa"
   inplace_op   CentroidKVCache(ratio=0): preallocated, written in place, clustering off, read
                by the centroidkv attention op (GQA-native, no copies of KV heads)
-  ckv_<r>      CentroidKVCache(ratio=r, policy=PlainClustering()) + attn_implementation="centroidkv"
-               (the paper's policy: the synthetic fill reproduces what its prefill leaves)
+  ckv_<r>      CentroidKVCache(ratio=r, policy=...) + attn_implementation="centroidkv"; --policy
+               plain (default: the paper's PlainClustering) or default (CentroidKVCache's default,
+               ProtectedClustering: same slot counts, plus its score buffers); the synthetic fill
+               reproduces the layout their prefill leaves
 best_full is the faster of static_sdpa and inplace_op: a speedup is read against it as well as
 against stock. Caches are filled synthetically with the state a prefill of L tokens leaves
 (e2e_common.fill_*), then `--warmup` steps run and `--steps` are timed (CUDA events around each
@@ -30,7 +32,7 @@ import argparse
 import torch
 
 import e2e_common as common
-from e2e_common import GB, CentroidKVCache, PlainClustering, log
+from e2e_common import GB, CentroidKVCache, log
 
 FULL_VARIANTS = ("stock", "static_sdpa", "inplace_op")
 MARGIN_GB = 3.0  # activations, logits, the attention op's workspace, allocator slack
@@ -48,6 +50,10 @@ def extra_steps(args) -> int:
     return args.warmup + args.steps + 16
 
 
+def ckv_options(variant: str, policy: str):
+    return CentroidKVCache(ratio=ratio_of(variant), policy=common.make_policy(policy)).options
+
+
 def need_bytes(variant: str, shape, batch: int, context: int, args) -> tuple[int, int]:
     """(bytes the cache holds, bytes needed at peak) for a point, before running it."""
     full = common.kv_bytes_full(shape, batch, context)
@@ -57,18 +63,18 @@ def need_bytes(variant: str, shape, batch: int, context: int, args) -> tuple[int
     if variant == "static_sdpa":  # repeat_kv materialises keys and values at every query head
         held = common.kv_bytes_full(shape, batch, context + extra_steps(args))
         return held, held + layer * (shape.q_heads // shape.kv_heads)
-    options = CentroidKVCache(ratio=ratio_of(variant), policy=PlainClustering()).options
+    options = ckv_options(variant, args.policy)
     layout = common.centroidkv_layout(options, context)
-    held = common.kv_bytes_centroidkv(shape, batch, layout.capacity)
+    held = common.kv_bytes_centroidkv(shape, batch, layout.capacity, options.policy if options.clusters else None)
     return held, held + held // shape.layers  # one layer's buffers may be reallocated
 
 
-def read_bytes(variant: str, shape, batch: int, context: int) -> int:
-    """KV bytes one decode step must read (keys, values, and sizes where the cache has them)."""
+def read_bytes(variant: str, shape, batch: int, context: int, policy: str = "plain") -> int:
+    """KV bytes one decode step must read (keys, values, and sizes where the cache has them;
+    a decode step does not read the policy's score buffers)."""
     if variant in ("stock", "static_sdpa"):
         return common.kv_bytes_full(shape, batch, context)
-    options = CentroidKVCache(ratio=ratio_of(variant), policy=PlainClustering()).options
-    live = common.centroidkv_layout(options, context).live
+    live = common.centroidkv_layout(ckv_options(variant, policy), context).live
     return common.kv_bytes_centroidkv(shape, batch, live)
 
 
@@ -80,7 +86,7 @@ def make_cache(variant: str, model, shape, batch: int, context: int, args, devic
         common.use_attention(model, "sdpa")
         return common.fill_static(model, shape, batch, context, context + extra_steps(args), device, dtype)
     common.use_attention(model, "centroidkv")
-    cache = CentroidKVCache(ratio=ratio_of(variant), policy=PlainClustering())
+    cache = CentroidKVCache(ratio=ratio_of(variant), policy=common.make_policy(args.policy))
     common.fill_centroidkv(cache, shape, batch, context, device, dtype)
     return cache
 
@@ -130,7 +136,7 @@ def run_point(variant, model, shape, batch, context, args, device, dtype, weight
         tokens = torch.randint(shape.vocab, (batch, 1), device=device)
         timing = common.time_steps(device, lambda i: common.forward(model, tokens, cache),
                                    args.warmup, args.steps)
-        moved = weights + read_bytes(variant, shape, batch, context)
+        moved = weights + read_bytes(variant, shape, batch, context, args.policy)
         out = dict(status="ok", kv_bytes_held=held, bytes_read_per_step=moved,
                    gbs=moved / timing["ms_median"] / 1e6,
                    tokens_per_s=batch * 1e3 / timing["ms_median"], **timing)
@@ -145,7 +151,7 @@ def run_point(variant, model, shape, batch, context, args, device, dtype, weight
         common.release(device)
 
 
-def compare(results: list[dict], shape, weights: int, ratios) -> list[dict]:
+def compare(results: list[dict], shape, weights: int, ratios, policy: str = "plain") -> list[dict]:
     """Per point and ratio: speedups vs stock and vs best full, the byte bound, its fraction."""
     ok = {(r["batch"], r["context"], r["variant"]): r for r in results if r["status"] == "ok"}
     rows = []
@@ -159,7 +165,7 @@ def compare(results: list[dict], shape, weights: int, ratios) -> list[dict]:
             ckv = get(f"ckv_{ratio:g}")
             if ckv is None:
                 continue
-            kv = read_bytes(f"ckv_{ratio:g}", shape, batch, context)
+            kv = read_bytes(f"ckv_{ratio:g}", shape, batch, context, policy)
             bound = (weights + full_kv) / (weights + kv)
             row = dict(batch=batch, context=context, ratio=ratio, ckv_ms=ckv["ms_median"],
                        bound=bound, kv_bytes_held=ckv["kv_bytes_held"])
@@ -207,7 +213,7 @@ def run_prefill_at(context, model, shape, args, device, dtype, deadline) -> dict
         else:
             common.use_attention(model, "centroidkv")
             cache = CentroidKVCache(ratio=0.0 if variant == "ckv_off" else ratio_of(variant),
-                                    policy=PlainClustering())
+                                    policy=common.make_policy(args.policy))
         try:
             return common.time_once(device, lambda: common.forward(model, tokens, cache))
         finally:
@@ -279,6 +285,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=None)
     parser.add_argument("--batches", type=int, nargs="+", default=None)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75])
+    parser.add_argument("--policy", choices=sorted(common.POLICIES), default="plain",
+                        help="clustering policy of the ckv_<r> variants (default: plain, the paper's)")
     parser.add_argument("--variants", nargs="+", default=None, help="subset of the variants to run")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps per point")
     parser.add_argument("--warmup", type=int, default=None)
@@ -317,7 +325,7 @@ def main(argv=None, model=None) -> dict:
         # Written after every point too, so a run cut short keeps what it measured.
         checkpoint = lambda rows: common.write_json(args.json, {**payload, "decode": rows, "partial": True})  # noqa: E731
         payload["decode"] = run_decode(model, shape, args, device, dtype, deadline, weights, checkpoint)
-        payload["comparisons"] = compare(payload["decode"], shape, weights, args.ratios)
+        payload["comparisons"] = compare(payload["decode"], shape, weights, args.ratios, args.policy)
     if not args.no_prefill:
         log(f"prefill {args.prefill_context} tokens, B={args.prefill_batch} ...")
         payload["prefill"] = run_prefill(model, shape, args, device, dtype, deadline)

@@ -4,7 +4,8 @@ Requests have --prompt tokens (32k) and generate --generate tokens (256). Under 
 (--kv-budget-gb, default: free device memory after the weights minus --margin-gb):
   full      bytes per sequence = keys + values of prompt + generated tokens, preallocated exactly
             (no slack, no sizes: the most favourable accounting for the full cache)
-  ckv_<r>   bytes per sequence = the most a CentroidKVCache(ratio=r) row (PlainClustering) holds (keys, values,
+  ckv_<r>   bytes per sequence = the most a CentroidKVCache(ratio=r) row (--policy: plain =
+            PlainClustering, default = CentroidKVCache's default policy) holds (keys, values,
             sizes, capacity slack) at any step while generating: one layer is filled with the
             prompt's prefill state and runs --generate real update + settle steps (clustering
             included); times the layer count
@@ -26,13 +27,14 @@ import argparse
 import torch
 
 import e2e_common as common
-from e2e_common import GB, CentroidKVCache, PlainClustering, log
+from e2e_common import GB, CentroidKVCache, log
 
 
 @torch.inference_mode()
-def peak_bytes_per_sequence(ratio: float, shape, prompt: int, generate: int, device, dtype) -> dict:
+def peak_bytes_per_sequence(ratio: float, shape, prompt: int, generate: int, device, dtype,
+                            policy: str = "plain") -> dict:
     """Most bytes one CentroidKVCache row holds over a request (all layers), by running one layer."""
-    cache = CentroidKVCache(ratio=ratio, policy=PlainClustering())
+    cache = CentroidKVCache(ratio=ratio, policy=common.make_policy(policy))
     one_layer = common.Shape(**{**shape.__dict__, "layers": 1})
     common.fill_centroidkv(cache, one_layer, 1, prompt, device, dtype)
     layer = cache.layers[0]
@@ -54,7 +56,7 @@ def decode_rate(variant: str, model, shape, batch: int, args, device, dtype, ste
         else:
             common.use_attention(model, "centroidkv")
             ratio = 0.0 if variant == "full_inplace" else args.ratio
-            cache = CentroidKVCache(ratio=ratio, policy=PlainClustering())
+            cache = CentroidKVCache(ratio=ratio, policy=common.make_policy(args.policy))
             # The full cache is preallocated for the whole request, as a serving system would.
             capacity = args.prompt + args.generate if ratio == 0 else None
             common.fill_centroidkv(cache, shape, batch, args.prompt, device, dtype, capacity=capacity)
@@ -83,7 +85,7 @@ def run(model, shape, args, device, dtype, deadline) -> dict:
         budget = 4 * full_per_seq
     else:
         budget = free - args.margin_gb * GB
-    ckv = peak_bytes_per_sequence(args.ratio, shape, args.prompt, args.generate, device, dtype)
+    ckv = peak_bytes_per_sequence(args.ratio, shape, args.prompt, args.generate, device, dtype, args.policy)
     fits = {"full": int(budget // full_per_seq), f"ckv_{args.ratio:g}": int(budget // ckv["bytes"])}
     fits = {k: min(v, args.max_batch) for k, v in fits.items()}
     out = dict(prompt=args.prompt, generate=args.generate, ratio=args.ratio, kv_budget_bytes=budget,
@@ -152,6 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", type=int, default=None)
     parser.add_argument("--generate", type=int, default=None)
     parser.add_argument("--ratio", type=float, default=0.75)
+    parser.add_argument("--policy", choices=sorted(common.POLICIES), default="plain",
+                        help="clustering policy of CentroidKV (default: plain, the paper's)")
     parser.add_argument("--kv-budget-gb", type=float, default=None)
     parser.add_argument("--margin-gb", type=float, default=8.0,
                         help="memory kept free besides the KV budget (activations, allocator slack)")

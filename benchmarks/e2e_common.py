@@ -30,6 +30,7 @@ import centroidkv  # noqa: F401  (registers attn_implementation="centroidkv")
 from centroidkv.cache import CentroidKVCache, CentroidKVLayer, cache_argument
 from centroidkv.compress import merge_passes
 from centroidkv.policies import PlainClustering
+from centroidkv.policy_protected import ProtectedClustering
 
 import transformers
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
@@ -109,17 +110,23 @@ def kv_bytes_full(shape: Shape, batch: int, tokens: int) -> int:
     return 2 * shape.layers * batch * shape.kv_heads * tokens * shape.head_dim * shape.elem
 
 
-def kv_bytes_centroidkv(shape: Shape, batch: int, slots: int) -> int:
-    """Keys, values and float32 sizes of `slots` CentroidKVCache slots for every layer and row."""
-    return shape.layers * batch * shape.kv_heads * slots * (2 * shape.head_dim * shape.elem + 4)
+def kv_bytes_centroidkv(shape: Shape, batch: int, slots: int, policy=None) -> int:
+    """Keys, values and float32 sizes (and the policy's float32 score buffers: window scores,
+    token scores) of `slots` CentroidKVCache slots for every layer and row."""
+    per_slot = 2 * shape.head_dim * shape.elem + 4
+    if policy is not None:  # a clustering cache only (the buffers are not allocated at ratio 0)
+        per_slot += 4 * (policy.score_window > 0) + 4 * bool(policy.token_scores)
+    return shape.layers * batch * shape.kv_heads * slots * per_slot
 
 
-def compressed_length(tokens: int, ratio: float, chunk_size: int) -> int:
-    """Slots PlainClustering leaves of `tokens` (a whole number of blocks): each pass keeps
-    L - (L // c) * r (SPEC.md)."""
-    for num_merge in merge_passes(ratio, chunk_size):
-        tokens -= (tokens // chunk_size) * num_merge
-    return tokens
+POLICIES = {"plain": PlainClustering, "default": ProtectedClustering}
+
+
+def make_policy(name: str):
+    """--policy: "plain" (the paper's PlainClustering) or "default" (CentroidKVCache's default)."""
+    if name not in POLICIES:
+        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {name!r}")
+    return POLICIES[name]()
 
 
 def _round_up(n: int, align: int = 16) -> int:
@@ -144,8 +151,8 @@ def centroidkv_layout(options, seen: int) -> Layout:
     capacity round_up(seen + block); the sink and recent window stay exact, whole blocks in
     between are clustered; then the buffers shrink to round_up(live + block + 1) if they are
     more than 1.5x that."""
-    if options.budget is not None or not isinstance(options.policy, PlainClustering):
-        raise ValueError("synthetic fill supports PlainClustering without a budget only")
+    if options.budget is not None:
+        raise ValueError("synthetic fill supports the ratio mode only (no budget)")
     block = options.block
     capacity = _round_up(seen + block)
     start, blocks = 0, 0
@@ -153,7 +160,7 @@ def centroidkv_layout(options, seen: int) -> Layout:
         start = min(options.sink, seen)
         blocks = max((seen - start - options.recent) // block, 0)
     tokens = blocks * block
-    slots = compressed_length(tokens, options.ratio, options.chunk_size) if options.ratio > 0 else tokens
+    slots = options.policy.slots(tokens, ratio=options.ratio, chunk_size=options.chunk_size) if options.ratio > 0 else tokens
     live = seen - tokens + slots
     target = _round_up(live + block + 1)
     if capacity > target * 3 // 2:

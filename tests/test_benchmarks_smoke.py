@@ -39,16 +39,17 @@ def run_script(script: str, *args: str, tmp_path: Path) -> dict:
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75])
 @pytest.mark.parametrize("seen", [1, 67, 68, 131, 133, 500, 1027])
 @pytest.mark.parametrize("recent", [0, 64])
-def test_synthetic_fill_matches_real_prefill(ratio, seen, recent):
+@pytest.mark.parametrize("policy", ["plain", "default"])
+def test_synthetic_fill_matches_real_prefill(ratio, seen, recent, policy):
     shape = common.Shape(**{**common.TINY.__dict__, "layers": 1})
     batch = 2
-    real = CentroidKVCache(ratio=ratio, recent=recent, policy=PlainClustering())
+    real = CentroidKVCache(ratio=ratio, recent=recent, policy=common.make_policy(policy))
     layer = CentroidKVLayer(real.options)
     keys = torch.randn(batch, shape.kv_heads, seen, shape.head_dim)
     with torch.inference_mode():
         layer.update(keys, torch.randn_like(keys))
         layer.settle()
-    synthetic = CentroidKVCache(ratio=ratio, recent=recent, policy=PlainClustering())
+    synthetic = CentroidKVCache(ratio=ratio, recent=recent, policy=common.make_policy(policy))
     layout = common.fill_centroidkv(synthetic, shape, batch, seen, "cpu", torch.float32)
     fake = synthetic.layers[0]
 
@@ -85,10 +86,11 @@ def test_synthetic_fill_decodes_like_a_cache():
 
 
 # ---------------------------------------------------------------------------- the scripts
-def test_bench_decode_tiny(tmp_path):
+@pytest.mark.parametrize("policy", ["plain", "default"])
+def test_bench_decode_tiny(tmp_path, policy):
     # 0.0003 GB "free": the 256-token points fit, the 1024-token ones must be skipped.
     data = run_script("bench_decode.py", "--contexts", "256", "1024", "--batches", "1", "--steps", "2",
-                      "--free-gb", "0.0003", "--prefill-context", "256", tmp_path=tmp_path)
+                      "--free-gb", "0.0003", "--prefill-context", "256", "--policy", policy, tmp_path=tmp_path)
     rows = data["decode"]
     assert {r["variant"] for r in rows} == {"stock", "static_sdpa", "inplace_op", "ckv_0.5", "ckv_0.75"}
     for r in rows:
@@ -115,8 +117,9 @@ def test_bench_decode_tiny(tmp_path):
     assert data["weights_bytes_read"] > 0 and data["env"]["device"].startswith("CPU")
 
 
-def test_bench_serving_tiny(tmp_path):
-    data = run_script("bench_serving.py", tmp_path=tmp_path)
+@pytest.mark.parametrize("policy", ["plain", "default"])
+def test_bench_serving_tiny(tmp_path, policy):
+    data = run_script("bench_serving.py", "--policy", policy, tmp_path=tmp_path)
     s = data["serving"]
     assert s["sequences"]["full"] == 4  # the tiny budget holds 4 full sequences by construction
     assert s["sequences"]["ckv_0.75"] > s["sequences"]["full"]

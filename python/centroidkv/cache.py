@@ -187,9 +187,10 @@ class CentroidKVLayer(CacheLayerMixin):
         self.keys = torch.zeros(batch, heads, capacity, key_dim, dtype=self.dtype, **zeros)
         self.values = torch.zeros(batch, heads, capacity, value_dim, dtype=self.dtype, **zeros)
         self.sizes = torch.zeros(batch, heads, capacity, dtype=torch.float32, **zeros)
-        if self.options.policy.score_window > 0:
+        if self.options.clusters and self.options.policy.score_window > 0:  # else never read
             self.scores = torch.zeros(batch, heads, capacity, dtype=torch.float32, **zeros)
-        if self.options.policy.token_scores:  # per head: after clustering, heads hold different tokens
+        if self.options.clusters and self.options.policy.token_scores:
+            # per head: after clustering, heads hold different tokens
             self.info = torch.zeros(batch, heads, capacity, dtype=torch.float32, **zeros)
 
     def _buffers(self) -> list[Tensor]:

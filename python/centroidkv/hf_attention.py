@@ -147,7 +147,7 @@ def centroidkv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
         # to, so it observes prefill calls only: a decode step then costs no extra pass over the
         # cache. Accumulating policies (H2O-style) pay that pass on every call, by design.
         window = policy.score_window if (queries > 1 or policy.accumulate_scores) else 0
-        if window > 0:
+        if window > 0 and layer.scores is not None and not layer.is_sliding:
             if bias is None or bias.shape[1] == 1 and key.shape[1] > 1:
                 # Rows of the last `window` queries only (the causal rule is relative to the
                 # end): a long prefill never materialises a [queries, keys] bias for scoring.

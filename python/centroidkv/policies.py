@@ -95,6 +95,13 @@ class Policy(ABC):
     def compress(self, segment: Segment, *, ratio: float, chunk_size: int) -> Segment:
         """Replaces the segment's tokens by about (1 - ratio) as many slots."""
 
+    def slots(self, length: int, *, ratio: float, chunk_size: int) -> int:
+        """Slots `compress` returns for a segment of `length` tokens (a whole number of blocks);
+        capacity planning and benchmarks use it. Default: merge_passes' passes (SPEC.md)."""
+        for num_merge in merge_passes(ratio, chunk_size):
+            length -= (length // chunk_size) * num_merge
+        return length
+
     def shrink(self, segment: Segment, *, chunk_size: int) -> Segment:
         """Budget mode: one more plain pass (r = c/2) over the clustered region."""
         keys, values, sizes = backend.merge(segment.keys, segment.values, segment.sizes,

@@ -87,6 +87,9 @@ class ProtectedClustering(Policy):
     def compress(self, segment: Segment, *, ratio: float, chunk_size: int) -> Segment:
         return self._run(segment, _budget(segment.length, ratio), chunk_size)
 
+    def slots(self, length: int, *, ratio: float, chunk_size: int) -> int:
+        return _budget(length, ratio) if length else 0
+
     def shrink(self, segment: Segment, *, chunk_size: int) -> Segment:
         return self._run(segment, _budget(segment.length, 0.5), chunk_size)
 
@@ -115,6 +118,9 @@ class AbsorbIntoSurvivors(Policy):
 
     def compress(self, segment: Segment, *, ratio: float, chunk_size: int) -> Segment:
         return self._run(segment, _budget(segment.length, ratio))
+
+    def slots(self, length: int, *, ratio: float, chunk_size: int) -> int:
+        return _budget(length, ratio) if length else 0
 
     def shrink(self, segment: Segment, *, chunk_size: int) -> Segment:
         return self._run(segment, _budget(segment.length, 0.5))
