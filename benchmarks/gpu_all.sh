@@ -6,6 +6,7 @@
 # a short summary is printed last.
 #   OUT=gpu_out bash benchmarks/gpu_all.sh
 #   STAGES="build tests bench_merge" OUT=gpu_out bash benchmarks/gpu_all.sh
+#   E2E_POLICY=default ... runs the end-to-end part with CentroidKVCache's default policy (plain: the paper's)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -72,7 +73,7 @@ fi
 if want e2e; then
   step e2e
   timeout "${E2E_TIMEOUT:-165}" $PY benchmarks/gpu_e2e.py --out "$LOGS/e2e" --budget-s "${E2E_BUDGET:-150}" \
-    > "$LOGS/e2e.txt" 2>&1
+    --policy "${E2E_POLICY:-plain}" > "$LOGS/e2e.txt" 2>&1
   summary+=("e2e: rc=$?"); tail -45 "$LOGS/e2e.txt"; pack
 fi
 

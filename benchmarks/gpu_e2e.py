@@ -35,11 +35,13 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "e2e_out"))
     parser.add_argument("--budget-s", type=float, default=285.0, help="whole run, model build included")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--policy", choices=sorted(common.POLICIES), default="plain",
+                        help="CentroidKV's clustering policy in every part (plain: the paper's)")
     args = parser.parse_args()
     start = time.monotonic()
     left = lambda: args.budget_s - (time.monotonic() - start)  # noqa: E731
     os.makedirs(args.out, exist_ok=True)
-    tiny = ["--tiny"] if args.tiny else []
+    tiny = (["--tiny"] if args.tiny else []) + ["--policy", args.policy]
 
     shape = common.TINY if args.tiny else common.LLAMA3_8B
     device = common.pick_device(None)
