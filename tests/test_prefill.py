@@ -86,6 +86,8 @@ def test_clustering_waits_for_token_scores_only_inside_prefill(monkeypatch):
     assert not handed.token_score_gate.waiting
     with pytest.raises(ValueError, match="token scores"):
         handed.observe_tokens(torch.zeros(1, 7))
+    with pytest.raises(RuntimeError, match="token_score_gate"):  # already clustered: slots moved
+        handed.observe_tokens(torch.zeros(1, 300))
 
 
 def test_surprisal_protects_the_surprising_tokens():

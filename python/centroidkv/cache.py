@@ -303,13 +303,15 @@ class CentroidKVLayer(CacheLayerMixin):
         if scores.shape != (len(self.lengths), self._fresh):
             raise ValueError(f"CentroidKVCache: token scores must be [batch, tokens of the last call] = "
                              f"[{len(self.lengths)}, {self._fresh}], got {list(scores.shape)}")
+        if not self._awaiting_info:  # its slots may have moved: scores would land on other tokens
+            raise RuntimeError("CentroidKVCache: token scores arrive only for a forward run while "
+                               "token_score_gate.waiting is set (centroidkv.prefill does this)")
         scores = scores.to(self.device, torch.float32)
         for row, length in enumerate(self.lengths):
             row_scores = scores[row] if real is None else scores[row][real[row].to(self.device)]
             self.info[row, :, length - row_scores.shape[0]:length] = row_scores
-        if self._awaiting_info:
-            self._awaiting_info = False
-            self._cluster()
+        self._awaiting_info = False
+        self._cluster()
 
     # ----------------------------------------------------------------------------- settle
     def settle(self) -> None:
