@@ -62,7 +62,7 @@ def test_methods_validate_arguments():
 def test_protected_tokens_stay_exact():
     region = _region()
     scores = region.window
-    k, v, s = protect_and_cluster(region.keys, region.values, None, scores, 96, protect_fraction=0.5, pool=1)
+    k, v, s, _ = protect_and_cluster(region.keys, region.values, None, scores, 96, protect_fraction=0.5, pool=1)
     top = scores.sort(-1, descending=True).indices[..., :48].sort(-1).values
     expected = region.keys.gather(2, top[..., None].expand(-1, -1, -1, 16))
     assert torch.equal(k[:, :, :48], expected) and (s[:, :, :48] == 1).all()

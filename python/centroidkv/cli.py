@@ -62,7 +62,7 @@ def run_generation(model, tokenizer, prompt: str, cache, max_new_tokens: int, de
     """Greedy generation through `cache`; returns (text, new tokens, seconds)."""
     import torch
 
-    from .cache import cache_argument
+    from .cache import CentroidKVCache, cache_argument
 
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     streamer = _ProgressStreamer(progress) if progress is not None else None
@@ -70,8 +70,8 @@ def run_generation(model, tokenizer, prompt: str, cache, max_new_tokens: int, de
         torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.no_grad():
-        policy = getattr(getattr(cache, "options", None), "policy", None)
-        if getattr(policy, "token_scores", False) and inputs["input_ids"].shape[1] > 1:
+        if (isinstance(cache, CentroidKVCache) and cache.options.policy.token_scores
+                and inputs["input_ids"].shape[1] > 1):
             from .prefill import prefill  # the policy ranks by token surprisal: hand it over
             prefill(model, inputs["input_ids"][:, :-1], cache, inputs["attention_mask"][:, :-1])
         output = model.generate(**inputs, **{cache_argument(model): cache}, max_new_tokens=max_new_tokens,

@@ -75,7 +75,8 @@ def attention(
     return torch.ops.centroidkv.attention(q, k, v, sizes, float(scale), lengths)
 
 
-def _merged_length(length, chunk_size: int, num_merge: int):
+def merged_length(length, chunk_size: int, num_merge: int):
+    """Slots one merge pass leaves of `length` tokens (SPEC.md); also for symbolic lengths."""
     return (length // chunk_size) * (chunk_size - num_merge) + length % chunk_size
 
 
@@ -103,7 +104,7 @@ def _merge_fake(keys, values, sizes, chunk_size, num_merge, metric=None):
                      lambda: f"centroidkv.merge: {name} is on {t.device} but keys is on {keys.device}")
     _check_chunking(chunk_size, num_merge)
     batch, heads, length = keys.shape[:3]
-    out_len = _merged_length(length, chunk_size, num_merge)
+    out_len = merged_length(length, chunk_size, num_merge)
     return (
         keys.new_empty((batch, heads, out_len, keys.shape[3])),
         values.new_empty((batch, heads, out_len, values.shape[3])),

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from . import backend
 from .compress import merge_passes
+from .ops import merged_length
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Policy(ABC):
         """Slots `compress` returns for a segment of `length` tokens (a whole number of blocks);
         capacity planning and benchmarks use it. Default: merge_passes' passes (SPEC.md)."""
         for num_merge in merge_passes(ratio, chunk_size):
-            length -= (length // chunk_size) * num_merge
+            length = merged_length(length, chunk_size, num_merge)
         return length
 
     def shrink(self, segment: Segment, *, chunk_size: int) -> Segment:

@@ -21,7 +21,7 @@ from typing import ClassVar, Optional
 import torch
 
 from .policies import Policy, Segment
-from .protected import absorb_evicted, protect_and_cluster, protected_count, protection_scores, top_tokens
+from .protected import absorb_evicted, protect_and_cluster
 
 
 def _budget(length: int, ratio: float) -> int:
@@ -67,14 +67,13 @@ class ProtectedClustering(Policy):
 
     def _run(self, segment: Segment, budget: int, chunk_size: int) -> Segment:
         num_merge = None if self.num_merge is None else min(self.num_merge, chunk_size // 2)
-        protect = protected_count(budget, self.protect_fraction)
-        ranking = protection_scores(segment.scores, segment.info, protect, self.info_share, self.pool)
-        keys, values, sizes = protect_and_cluster(segment.keys, segment.values, segment.sizes, ranking, budget,
-                                                  self.protect_fraction, chunk_size, num_merge, pool=1)
-        if ranking is None:
+        keys, values, sizes, kept = protect_and_cluster(
+            segment.keys, segment.values, segment.sizes, segment.scores, budget, self.protect_fraction,
+            chunk_size, num_merge, self.pool, segment.info, self.info_share)
+        if kept is None:
             return Segment(keys, values, sizes)
         # Protected slots keep their scores for later passes; clustered slots start from zero.
-        kept = top_tokens(ranking, protect)[0]
+        protect = kept.shape[-1]
         scores = info = None
         if segment.scores is not None:
             scores = torch.zeros_like(sizes)

@@ -3,9 +3,9 @@
 Two ways to spend a token budget on a run of cached tokens, given per-token importance scores
 (the attention of the last prompt queries, summed over each KV head's query group, SnapKV-style):
 
-- protect_and_cluster: the top `protect_fraction` of the budget, by max-pooled score, stays
-  exact (size 1); the other tokens, in their original order, are clustered by bipartite soft
-  matching (cluster_budget.py) into the rest of the budget.
+- protect_and_cluster: the top `protect_fraction` of the budget, by max-pooled score (part of
+  it by token surprisal, see protection_scores), stays exact (size 1); the other tokens, in their
+  original order, are clustered by bipartite soft matching (cluster_budget.py) into the rest.
 - absorb_evicted: the top `budget` tokens by max-pooled score survive; every other token is
   merged into its most key-similar survivor (size-weighted centroid, so attention adds
   log(size)); the top `protect_fraction` of the budget never absorbs anything and stays exact.
@@ -73,18 +73,24 @@ def protected_count(budget: int, protect_fraction: float) -> int:
 
 def protect_and_cluster(keys: Tensor, values: Tensor, sizes: Optional[Tensor], scores: Optional[Tensor],
                         budget: int, protect_fraction: float = 0.5, chunk_size: int = 32,
-                        num_merge: Optional[int] = None, pool: int = 7) -> tuple[Tensor, Tensor, Tensor]:
-    """[protected exact tokens | clustered rest], `budget` slots per (row, head)."""
+                        num_merge: Optional[int] = None, pool: int = 7, info: Optional[Tensor] = None,
+                        info_share: float = 0.0, info_pool: int = 31
+                        ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """[protected exact tokens | clustered rest], `budget` slots per (row, head), ranked by
+    protection_scores(scores, info, ...). Also returns the protected tokens' indices [B, H, P]
+    in the input (in slot order; None when nothing is protected), so that callers can carry
+    per-token data along."""
     if sizes is None:
         sizes = torch.ones(keys.shape[:3], device=keys.device)
-    protect = 0 if scores is None else protected_count(budget, protect_fraction)
-    if protect == 0:
-        return cluster_to_budget(keys, values, sizes, budget, chunk_size, num_merge)
-    kept, rest = top_tokens(pooled_scores(scores, pool), protect)
+    protect = protected_count(budget, protect_fraction)
+    ranking = protection_scores(scores, info, protect, info_share, pool, info_pool)
+    if ranking is None or protect == 0:
+        return (*cluster_to_budget(keys, values, sizes, budget, chunk_size, num_merge), None)
+    kept, rest = top_tokens(ranking, protect)
     ck, cv, cs = cluster_to_budget(_gather(keys, rest), _gather(values, rest), _gather(sizes.float(), rest),
                                    budget - protect, chunk_size, num_merge)
     return (torch.cat([_gather(keys, kept), ck], 2), torch.cat([_gather(values, kept), cv], 2),
-            torch.cat([_gather(sizes.float(), kept), cs], 2))
+            torch.cat([_gather(sizes.float(), kept), cs], 2), kept)
 
 
 def absorb_evicted(keys: Tensor, values: Tensor, sizes: Optional[Tensor], scores: Tensor, budget: int,

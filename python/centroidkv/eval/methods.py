@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..cluster_budget import PARTITIONS, cluster_to_budget
-from ..protected import absorb_evicted, protect_and_cluster, protected_count, protection_scores, top_tokens
+from ..protected import absorb_evicted, protect_and_cluster, protection_scores, top_tokens
 
 
 @dataclass
@@ -147,11 +147,9 @@ class ProtectedClustering(Method):
             raise ValueError(f"ProtectedClustering: protect_fraction must be in [0, 1], got {self.protect_fraction}")
 
     def compress(self, region):
-        protect = protected_count(region.budget, self.protect_fraction)
-        scores = protection_scores(region.window, region.surprisal, protect, self.info_share, self.pool,
-                                   self.info_pool)
-        return protect_and_cluster(region.keys, region.values, None, scores, region.budget,
-                                   self.protect_fraction, self.chunk_size, self.num_merge, pool=1)
+        return protect_and_cluster(region.keys, region.values, None, region.window, region.budget,
+                                   self.protect_fraction, self.chunk_size, self.num_merge, self.pool,
+                                   region.surprisal, self.info_share, self.info_pool)[:3]
 
 
 @dataclass

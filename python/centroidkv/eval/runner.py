@@ -65,14 +65,14 @@ class Config:
     chat: bool = False
 
 
+def _group_sum(x: Tensor, kv_heads: int) -> Tensor:
+    """[1, Hq, L] -> [1, Hkv, L]: summed over each KV head's group of query heads."""
+    return x.reshape(1, kv_heads, -1, x.shape[-1]).sum(dim=2)
+
+
 def _window_scores(rows: Tensor, kv_heads: int) -> Tensor:
     """[1, Hq, W, L] window rows -> [1, Hkv, L]: summed over queries and each group's heads."""
-    summed = rows.sum(dim=2)
-    return summed.reshape(1, kv_heads, -1, summed.shape[-1]).sum(dim=2)
-
-
-def _group_sum(x: Tensor, kv_heads: int) -> Tensor:
-    return x.reshape(1, kv_heads, -1, x.shape[-1]).sum(dim=2)
+    return _group_sum(rows.sum(dim=2), kv_heads)
 
 
 def _pad_to(x: Tensor, length: int) -> Tensor:
