@@ -28,7 +28,6 @@ import torch
 
 import centroidkv  # noqa: F401  (registers attn_implementation="centroidkv")
 from centroidkv.cache import CentroidKVCache, CentroidKVLayer, cache_argument
-from centroidkv.compress import merge_passes
 from centroidkv.policies import PlainClustering
 from centroidkv.policy_protected import ProtectedClustering
 

@@ -10,7 +10,6 @@ and the fast exp2/log2 of the CUDA kernel.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """CentroidKVCache and the "centroidkv" attention at the cache level and on a tiny Llama."""
-import math
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ from hf_helpers import VOCAB, teacher_forced_logits, tiny_model
 
 import centroidkv
 from centroidkv import reference
-from centroidkv.cache import CentroidKVLayer, cache_argument
+from centroidkv.cache import cache_argument
 from centroidkv.hf_attention import centroidkv_attention
 from centroidkv.policies import PlainClustering, Policy, Segment
 

@@ -1,6 +1,5 @@
 """CentroidKV inside several transformers model families, and on a real small model."""
 import os
-import time
 
 import pytest
 import torch

