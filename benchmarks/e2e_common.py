@@ -194,7 +194,6 @@ def fill_centroidkv(cache: CentroidKVCache, shape: Shape, batch: int, seen: int,
             layer._clustered_any = cache.options.ratio > 0
         layer.lengths = [layout.live] * batch
         layer.head_end = [layout.head_end] * batch
-        layer.lengths_dev = torch.full((batch,), layout.live, dtype=torch.int64, device=device)
         layer.seen = seen
         layer.is_initialized = True
         cache.layers.append(layer)

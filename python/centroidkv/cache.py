@@ -167,10 +167,6 @@ class CentroidKVLayer(CacheLayerMixin):
                 self._lengths_dev = torch.tensor(self.lengths, dtype=torch.int64, device=self.device)
         return self._lengths_dev
 
-    @lengths_dev.setter
-    def lengths_dev(self, value: Optional[Tensor]) -> None:
-        self._lengths_dev = value
-
     # ----------------------------------------------------------------------------- buffers
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype

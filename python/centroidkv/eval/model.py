@@ -35,10 +35,6 @@ class AttentionState:
     window_rows: dict = field(default_factory=dict)  # layer -> [B, Hq, <=W, L] weights of the last queries
     totals: dict = field(default_factory=dict)    # layer -> [B, Hq, L] attention summed over queries
 
-    def reset_records(self):
-        self.window_rows.clear()
-        self.totals.clear()
-
 
 def _attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling: float,
                dropout: float = 0.0, **kwargs):
