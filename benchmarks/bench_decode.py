@@ -285,8 +285,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=None)
     parser.add_argument("--batches", type=int, nargs="+", default=None)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75])
-    parser.add_argument("--policy", choices=sorted(common.POLICIES), default="plain",
-                        help="clustering policy of the ckv_<r> variants (default: plain, the paper's)")
+    common.add_policy_argument(parser)
     parser.add_argument("--variants", nargs="+", default=None, help="subset of the variants to run")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps per point")
     parser.add_argument("--warmup", type=int, default=None)

@@ -154,8 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", type=int, default=None)
     parser.add_argument("--generate", type=int, default=None)
     parser.add_argument("--ratio", type=float, default=0.75)
-    parser.add_argument("--policy", choices=sorted(common.POLICIES), default="plain",
-                        help="clustering policy of CentroidKV (default: plain, the paper's)")
+    common.add_policy_argument(parser)
     parser.add_argument("--kv-budget-gb", type=float, default=None)
     parser.add_argument("--margin-gb", type=float, default=8.0,
                         help="memory kept free besides the KV budget (activations, allocator slack)")

@@ -121,6 +121,12 @@ def kv_bytes_centroidkv(shape: Shape, batch: int, slots: int, policy=None) -> in
 POLICIES = {"plain": PlainClustering, "default": ProtectedClustering}
 
 
+def add_policy_argument(parser) -> None:
+    parser.add_argument("--policy", choices=sorted(POLICIES), default="plain",
+                        help="CentroidKV's clustering policy: plain (default, the paper's "
+                             "PlainClustering) or default (CentroidKVCache's default)")
+
+
 def make_policy(name: str):
     """--policy: "plain" (the paper's PlainClustering) or "default" (CentroidKVCache's default)."""
     if name not in POLICIES:

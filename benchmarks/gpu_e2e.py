@@ -35,8 +35,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "e2e_out"))
     parser.add_argument("--budget-s", type=float, default=285.0, help="whole run, model build included")
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--policy", choices=sorted(common.POLICIES), default="plain",
-                        help="CentroidKV's clustering policy in every part (plain: the paper's)")
+    common.add_policy_argument(parser)
     args = parser.parse_args()
     start = time.monotonic()
     left = lambda: args.budget_s - (time.monotonic() - start)  # noqa: E731
