@@ -83,6 +83,7 @@ def test_clustering_waits_for_token_scores_only_inside_prefill(monkeypatch):
     handed = centroidkv.CentroidKVCache(ratio=0.75, policy=ProtectedClustering(info_share=0.5))
     centroidkv.prefill(model, ids, handed)
     assert held == [[300]] and handed.live_slots() == [clustered]  # same budget
+    assert handed.memory_bytes().total == plain.memory_bytes().total  # and the prompt's buffers freed
     assert not handed.token_score_gate.waiting
     with pytest.raises(ValueError, match="token scores"):
         handed.observe_tokens(torch.zeros(1, 7))

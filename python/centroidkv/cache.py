@@ -308,6 +308,7 @@ class CentroidKVLayer(CacheLayerMixin):
             self.info[row, :, length - row_scores.shape[0]:length] = row_scores
         self._awaiting_info = False
         self._cluster()
+        self._release_slack()  # settle ran before this clustering, so it freed nothing
 
     # ----------------------------------------------------------------------------- settle
     def settle(self) -> None:
@@ -329,6 +330,10 @@ class CentroidKVLayer(CacheLayerMixin):
             self._cluster()
         if not self._uniform and self._lengths_dev is None:
             _ = self.lengths_dev  # rebuild on this step, which already did work, not the next one
+        self._release_slack()
+
+    def _release_slack(self) -> None:
+        """Reallocates buffers much larger than the live slots need, so memory is really freed."""
         target = _round_up(self._max_len + self.options.block + 1)
         if self.capacity > target * 3 // 2:
             self._resize(target)
