@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..cluster_budget import PARTITIONS, cluster_to_budget
-from ..protected import absorb_evicted, protect_and_cluster, protection_scores, top_tokens
+from ..protected import (absorb_evicted, pooled_scores, protect_and_cluster, protected_count, protection_scores,
+                         top_tokens)
 
 
 @dataclass
@@ -152,6 +154,47 @@ class ProtectedClustering(Method):
                                    region.surprisal, self.info_share, self.info_pool)[:3]
 
 
+def tapered_pool(scores: Tensor, kernel: int, taper: float, core: int = 7) -> Tensor:
+    """Max-pool where only the `core` nearest neighbours inherit a token's full score and the
+    rest of the kernel `taper` times it: a strong peak keeps its whole sentence, a weak one
+    no longer spends a kernel's worth of budget."""
+    return torch.maximum(pooled_scores(scores, core), taper * pooled_scores(scores, kernel))
+
+
+def smoothed(info: Tensor, width: int) -> Tensor:
+    """Each token's surprisal averaged over `width` neighbours: a span of sustained surprise
+    (an inserted sentence, a list of names) outranks one unpredictable word."""
+    b, h, m = info.shape
+    return F.avg_pool1d(info.float().reshape(b * h, 1, m), width, stride=1, padding=width // 2,
+                        count_include_pad=False).reshape(b, h, m)
+
+
+@dataclass
+class ProtectedVariant(ProtectedClustering):
+    """Ablations of the product ranking (measured, not adopted; results/eval/README.md):
+    taper < 1 narrows the window pool's outer neighbours (tapered_pool), info_smooth > 1
+    averages surprisal over spans before pooling, recent_share gives that share of the protected
+    slots to the most recent tokens. The scores are pooled here and ranked by
+    protection_scores with pool 1."""
+    taper: float = 1.0
+    info_smooth: int = 1
+    recent_share: float = 0.0
+
+    def compress(self, region):
+        m = region.keys.shape[2]
+        protect = protected_count(region.budget, self.protect_fraction)
+        recent = torch.arange(m - round(self.recent_share * protect), m)
+        window = tapered_pool(region.window, self.pool, self.taper).index_fill_(-1, recent, float("-inf"))
+        info = region.surprisal
+        if info is not None:
+            info = smoothed(info, self.info_smooth) if self.info_smooth > 1 else info.float()
+            info = pooled_scores(info, self.info_pool).index_fill_(-1, recent, float("-inf"))
+        ranking = protection_scores(window, info, protect - len(recent), self.info_share, 1, 1)
+        ranking = ranking.nan_to_num(0.0, posinf=0.0, neginf=-1.0).index_fill_(-1, recent, float("inf"))
+        return protect_and_cluster(region.keys, region.values, None, ranking, region.budget,
+                                   self.protect_fraction, self.chunk_size, self.num_merge, 1)[:3]
+
+
 @dataclass
 class AbsorbEvicted(Method):
     """SnapKV survivors; evicted tokens merged into their most key-similar survivor
@@ -199,6 +242,11 @@ METHODS = {
     "protected90_p7s50": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.5),
     "protected90_p7s30": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.3),
     "protected90_p7s30i15": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.3, info_pool=15),
+    # ablations of the default's ranking (ProtectedVariant): taper, span-averaged surprisal, recency
+    "protected90_s30t25": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, taper=0.25),
+    "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
+    "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),
+    "protected90_r20": lambda: ProtectedVariant(protect_fraction=0.9, recent_share=0.2),
     "protected90_s100": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=1.0),
     "protected90_nobias": lambda: ProtectedClustering(protect_fraction=0.9, size_bias=False),
     "absorb_p50": lambda: AbsorbEvicted(protect_fraction=0.5),
