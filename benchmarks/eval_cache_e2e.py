@@ -36,10 +36,11 @@ CONFIGS = {  # name -> (policy or None for the full cache, prefill hands surpris
     "full": (None, False),
     "paper": (PlainClustering(), False),
     "window_pool7": (ProtectedClustering(pool=7, info_share=0.0), False),
-    "window_pool31": (ProtectedClustering(pool=31, info_share=0.0), False),
-    "surprisal30": (ProtectedClustering(pool=31, info_share=0.3), True),
-    "surprisal50": (ProtectedClustering(pool=31, info_share=0.5), True),
-    "surprisal50_plain_prefill": (ProtectedClustering(pool=31, info_share=0.5), False),  # falls back to the window
+    "window_pool31": (ProtectedClustering(pool=31, taper=1.0, info_share=0.0), False),
+    "surprisal30": (ProtectedClustering(pool=31, taper=1.0, info_share=0.3), True),  # round 2's default
+    "surprisal50": (ProtectedClustering(pool=31, taper=1.0, info_share=0.5), True),
+    "surprisal50_plain_prefill": (ProtectedClustering(pool=31, taper=1.0, info_share=0.5), False),  # window only
+    "default": (ProtectedClustering(), True),
 }
 
 

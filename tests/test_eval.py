@@ -154,18 +154,6 @@ def test_registry_names_match_parameters():
     assert E.make_method("paper_c64").chunk_size == 64 and E.make_method("paper_r4").num_merge == 8
 
 
-@pytest.mark.parametrize("taper", [1.0, 0.5, 0.0])
-def test_tapered_pool_matches_its_definition(taper):
-    """Each token takes the largest of its neighbours' scores, weighted 1 within core // 2 and
-    `taper` within kernel // 2 (the edges see only real tokens)."""
-    scores = torch.rand(1, 2, 67, generator=torch.Generator().manual_seed(3))
-    expected = torch.empty_like(scores)
-    for j in range(67):
-        near = [scores[..., i] * (1.0 if abs(i - j) <= 3 else taper) for i in range(max(0, j - 15), min(67, j + 16))]
-        expected[..., j] = torch.stack(near, -1).amax(-1)
-    torch.testing.assert_close(E.tapered_pool(scores, 31, taper, core=7), expected)
-
-
 def test_span_smoothing_is_a_neighbourhood_mean():
     info = torch.rand(1, 1, 40, generator=torch.Generator().manual_seed(4))
     expected = torch.stack([info[..., max(0, j - 3):j + 4].mean(-1) for j in range(40)], -1)
@@ -184,3 +172,11 @@ def test_protected_variant_defaults_are_the_product_ranking_and_recency_stays_ex
     exact = k[:, :, :86]
     assert ((exact[:, :, None] == tail[:, :, :, None]).all(-1).any(-1)).all()
     assert (s[:, :, :86] == 1).all() and s.sum(-1).allclose(torch.full((1, 3), 256.0))
+
+
+def test_default_method_is_the_products_default_policy():
+    from centroidkv.policy_protected import ProtectedClustering as Product
+    harness, product = E.make_method("default"), Product()
+    for name in ("protect_fraction", "num_merge", "pool", "info_share", "taper"):
+        assert getattr(harness, name) == getattr(product, name), name
+    assert harness == E.make_method("protected90_s30t25")  # the name its measurements carry

@@ -35,9 +35,30 @@ def test_protected_tokens_are_exact_and_keep_scores():
     assert torch.equal(out.scores[:, :, :32], seg.scores.gather(2, top))
 
 
+def test_tapered_pool_protects_the_strong_peaks_sentence():
+    """One strong and many weak peaks: with taper the strong peak's 31-token neighbourhood
+    stays exact, and the weak peaks' near neighbours fill the rest instead of their far ones."""
+    seg = _segment(length=256, heads=1)
+    seg.scores = torch.zeros(1, 1, 256)
+    seg.scores[..., 100] = 10.0
+    seg.scores[..., 20::60] = 1.0
+    out = ProtectedClustering(protect_fraction=1.0, taper=0.25, info_share=0.0).compress(seg, ratio=0.75,
+                                                                                      chunk_size=32)
+    exact = [t for t in range(256) if (out.keys[0, 0, :63] == seg.keys[0, 0, t]).all(-1).any()]
+    assert set(range(85, 116)) <= set(exact)  # the whole pool around the strong peak
+    weak = [20, 80, 140, 200]
+    assert all(set(range(p - 3, p + 4)) <= set(exact) for p in weak)  # every weak peak's core
+    plain = ProtectedClustering(protect_fraction=1.0, taper=1.0, info_share=0.0).compress(seg, ratio=0.75,
+                                                                                       chunk_size=32)
+    exact_plain = [t for t in range(256) if (plain.keys[0, 0, :63] == seg.keys[0, 0, t]).all(-1).any()]
+    assert not all(set(range(p - 3, p + 4)) <= set(exact_plain) for p in weak)  # the plain pool misses some
+
+
 def test_validation():
     with pytest.raises(ValueError, match="protect_fraction"):
         ProtectedClustering(protect_fraction=2.0)
+    with pytest.raises(ValueError, match="taper"):
+        ProtectedClustering(taper=1.5)
     with pytest.raises(ValueError, match="pool"):
         AbsorbIntoSurvivors(pool=2)
 

@@ -15,6 +15,18 @@ def _scores(heads=2, length=200, seed=0):
     return torch.rand(1, heads, length, generator=g), 5 * torch.rand(1, 1, length, generator=g)
 
 
+@pytest.mark.parametrize("taper", [1.0, 0.5, 0.0])
+def test_pooled_scores_taper_matches_its_definition(taper):
+    """Each token takes the largest of its neighbours' scores, weighted 1 within core // 2 and
+    `taper` within kernel // 2 (the edges see only real tokens)."""
+    scores = torch.rand(1, 2, 67, generator=torch.Generator().manual_seed(3))
+    expected = torch.empty_like(scores)
+    for j in range(67):
+        near = [scores[..., i] * (1.0 if abs(i - j) <= 3 else taper) for i in range(max(0, j - 15), min(67, j + 16))]
+        expected[..., j] = torch.stack(near, -1).amax(-1)
+    torch.testing.assert_close(pooled_scores(scores, 31, taper, core=7), expected)
+
+
 def test_protection_scores_split_between_window_and_surprisal():
     window, info = _scores()
     protect = 40

@@ -11,7 +11,8 @@ exact even when the question comes after compression. The tensor work is in prot
 Measured trade-offs are in results/eval/README.md: on SmolLM2-135M, plain clustering averages
 adjacent digit tokens together and loses exact recall; protecting whole neighbourhoods (pool 31)
 of the most attended and of the most surprising tokens restores most of it in both settings, at
-some cost in prose fidelity against a narrow pool 7 without surprisal.
+some cost in prose fidelity against a narrow pool 7 without surprisal. The taper (weakly
+attended tokens bring only their 7 nearest neighbours) wins back part of that cost.
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ class ProtectedClustering(Policy):
             merge only the most redundant pairs and take more passes (default c/4 at c = 32).
         pool: max-pool width over window scores (odd), so a needle's sentence is protected with
             the word the question attends to.
+        taper: weight of the pool's outer neighbours (beyond the nearest 7): a strongly
+            attended token keeps its whole sentence, a weakly attended one only its 7 nearest
+            tokens (1 = plain max-pool of width `pool`).
         info_share: share of the protected slots ranked by token surprisal rather than window
             attention: recall that survives a question asked after compression. Needs the
             tokens' surprisal, which `centroidkv.prefill` hands the cache; without it the
@@ -47,6 +51,7 @@ class ProtectedClustering(Policy):
     protect_fraction: float = 0.9
     num_merge: Optional[int] = 8
     pool: int = 31
+    taper: float = 0.25
     info_share: float = 0.3
     score_window: ClassVar[int] = 32
     accumulate_scores: ClassVar[bool] = False
@@ -62,6 +67,8 @@ class ProtectedClustering(Policy):
             raise ValueError(f"ProtectedClustering: num_merge must be >= 1 or None, got {self.num_merge}")
         if self.pool < 1 or self.pool % 2 == 0:
             raise ValueError(f"ProtectedClustering: pool must be odd >= 1, got {self.pool}")
+        if not 0.0 <= self.taper <= 1.0:
+            raise ValueError(f"ProtectedClustering: taper must be in [0, 1], got {self.taper}")
         if not 0.0 <= self.info_share <= 1.0:
             raise ValueError(f"ProtectedClustering: info_share must be in [0, 1], got {self.info_share}")
 
@@ -69,7 +76,7 @@ class ProtectedClustering(Policy):
         num_merge = None if self.num_merge is None else min(self.num_merge, chunk_size // 2)
         keys, values, sizes, kept = protect_and_cluster(
             segment.keys, segment.values, segment.sizes, segment.scores, budget, self.protect_fraction,
-            chunk_size, num_merge, self.pool, segment.info, self.info_share)
+            chunk_size, num_merge, self.pool, segment.info, self.info_share, taper=self.taper)
         if kept is None:
             return Segment(keys, values, sizes)
         # Protected slots keep their scores for later passes; clustered slots start from zero.

@@ -24,14 +24,20 @@ from .cluster_budget import cluster_to_budget
 from .reference import EPS, segment_average
 
 
-def pooled_scores(scores: Tensor, kernel: int = 7) -> Tensor:
+def pooled_scores(scores: Tensor, kernel: int = 7, taper: float = 1.0, core: int = 7) -> Tensor:
     """Max-pool of [B, H, L] scores along L (odd kernel, same length): a neighbourhood of an
-    important token counts as important, so a needle's sentence is kept whole (SnapKV)."""
+    important token counts as important, so a needle's sentence is kept whole (SnapKV).
+    taper < 1: only the `core` nearest neighbours inherit a token's full score, the rest of the
+    kernel `taper` times it, so a strong peak (the needle the question points at) still keeps
+    its sentence while weak peaks no longer spend a whole kernel of budget each."""
     if kernel <= 1:
         return scores.float()
     b, h, length = scores.shape
-    pooled = F.max_pool1d(scores.float().reshape(b * h, 1, length), kernel, stride=1, padding=kernel // 2)
-    return pooled.reshape(b, h, length)
+    pool = lambda k: F.max_pool1d(scores.float().reshape(b * h, 1, length), k, stride=1,  # noqa: E731
+                                  padding=k // 2).reshape(b, h, length)
+    if taper >= 1.0 or core >= kernel:
+        return pool(kernel)
+    return torch.maximum(pool(core) if core > 1 else scores.float(), taper * pool(kernel))
 
 
 def top_tokens(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
@@ -41,19 +47,20 @@ def top_tokens(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
 
 
 def protection_scores(window: Optional[Tensor], info: Optional[Tensor], protect: int, info_share: float = 0.0,
-                      pool: int = 7, info_pool: int = 31) -> Optional[Tensor]:
+                      pool: int = 7, info_pool: int = 31, taper: float = 1.0) -> Optional[Tensor]:
     """Scores [B, H, L] whose top `protect` are the tokens to keep exact: the top
     round((1 - info_share) * protect) by max-pooled window attention, then the best of the rest by
     max-pooled token surprisal `info` [B, H or 1, L] (query-agnostic: a needle is unpredictable text,
-    prose mostly is not). Pooling keeps a chosen token's neighbours (its sentence) with it. Without
-    token scores (None or all zero) the window ranks everything."""
+    prose mostly is not). Pooling keeps a chosen token's neighbours (its sentence) with it; the
+    window's pool is tapered by `taper` (pooled_scores). Without token scores (None or all zero)
+    the window ranks everything."""
     if info is None or info_share <= 0 or not bool(info.any()):
-        return None if window is None else pooled_scores(window, pool)
+        return None if window is None else pooled_scores(window, pool, taper)
     info = pooled_scores(info.expand(info.shape[0], window.shape[1] if window is not None else 1, -1), info_pool)
     if window is None:
         return info
     from_window = round((1.0 - info_share) * protect)
-    chosen = pooled_scores(window, pool).sort(dim=-1, descending=True, stable=True).indices[..., :from_window]
+    chosen = pooled_scores(window, pool, taper).sort(dim=-1, descending=True, stable=True).indices[..., :from_window]
     ranking = torch.zeros_like(info).scatter_(-1, chosen, 3.0)
     rest = info.masked_fill(ranking > 0, float("-inf"))
     chosen = rest.sort(dim=-1, descending=True, stable=True).indices[..., :protect - from_window]
@@ -74,7 +81,7 @@ def protected_count(budget: int, protect_fraction: float) -> int:
 def protect_and_cluster(keys: Tensor, values: Tensor, sizes: Optional[Tensor], scores: Optional[Tensor],
                         budget: int, protect_fraction: float = 0.5, chunk_size: int = 32,
                         num_merge: Optional[int] = None, pool: int = 7, info: Optional[Tensor] = None,
-                        info_share: float = 0.0, info_pool: int = 31
+                        info_share: float = 0.0, info_pool: int = 31, taper: float = 1.0
                         ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """[protected exact tokens | clustered rest], `budget` slots per (row, head), ranked by
     protection_scores(scores, info, ...). Also returns the protected tokens' indices [B, H, P]
@@ -83,7 +90,7 @@ def protect_and_cluster(keys: Tensor, values: Tensor, sizes: Optional[Tensor], s
     if sizes is None:
         sizes = torch.ones(keys.shape[:3], device=keys.device)
     protect = protected_count(budget, protect_fraction)
-    ranking = protection_scores(scores, info, protect, info_share, pool, info_pool)
+    ranking = protection_scores(scores, info, protect, info_share, pool, info_pool, taper)
     if ranking is None or protect == 0:
         return (*cluster_to_budget(keys, values, sizes, budget, chunk_size, num_merge), None)
     kept, rest = top_tokens(ranking, protect)

@@ -143,6 +143,7 @@ class ProtectedClustering(Method):
     pool: int = 7
     info_share: float = 0.0  # share of the protected slots ranked by token surprisal
     info_pool: int = 31
+    taper: float = 1.0       # weight of the window pool's outer neighbours (pooled_scores)
 
     def __post_init__(self):
         if not 0.0 <= self.protect_fraction <= 1.0:
@@ -151,14 +152,7 @@ class ProtectedClustering(Method):
     def compress(self, region):
         return protect_and_cluster(region.keys, region.values, None, region.window, region.budget,
                                    self.protect_fraction, self.chunk_size, self.num_merge, self.pool,
-                                   region.surprisal, self.info_share, self.info_pool)[:3]
-
-
-def tapered_pool(scores: Tensor, kernel: int, taper: float, core: int = 7) -> Tensor:
-    """Max-pool where only the `core` nearest neighbours inherit a token's full score and the
-    rest of the kernel `taper` times it: a strong peak keeps its whole sentence, a weak one
-    no longer spends a kernel's worth of budget."""
-    return torch.maximum(pooled_scores(scores, core), taper * pooled_scores(scores, kernel))
+                                   region.surprisal, self.info_share, self.info_pool, self.taper)[:3]
 
 
 def smoothed(info: Tensor, width: int) -> Tensor:
@@ -172,11 +166,9 @@ def smoothed(info: Tensor, width: int) -> Tensor:
 @dataclass
 class ProtectedVariant(ProtectedClustering):
     """Ablations of the product ranking (measured, not adopted; results/eval/README.md):
-    taper < 1 narrows the window pool's outer neighbours (tapered_pool), info_smooth > 1
-    averages surprisal over spans before pooling, recent_share gives that share of the protected
-    slots to the most recent tokens. The scores are pooled here and ranked by
+    info_smooth > 1 averages surprisal over spans before pooling, recent_share gives that share
+    of the protected slots to the most recent tokens. The scores are pooled here and ranked by
     protection_scores with pool 1."""
-    taper: float = 1.0
     info_smooth: int = 1
     recent_share: float = 0.0
 
@@ -184,7 +176,7 @@ class ProtectedVariant(ProtectedClustering):
         m = region.keys.shape[2]
         protect = protected_count(region.budget, self.protect_fraction)
         recent = torch.arange(m - round(self.recent_share * protect), m)
-        window = tapered_pool(region.window, self.pool, self.taper).index_fill_(-1, recent, float("-inf"))
+        window = pooled_scores(region.window, self.pool, self.taper).index_fill_(-1, recent, float("-inf"))
         info = region.surprisal
         if info is not None:
             info = smoothed(info, self.info_smooth) if self.info_smooth > 1 else info.float()
@@ -210,6 +202,14 @@ class AbsorbEvicted(Method):
     def compress(self, region):
         return absorb_evicted(region.keys, region.values, None, region.window, region.budget,
                               self.protect_fraction, self.pool)
+
+
+def product_default() -> ProtectedClustering:
+    """The harness twin of the product's default policy (centroidkv.policy_protected)."""
+    from ..policy_protected import ProtectedClustering as Product
+    p = Product()
+    return ProtectedClustering(protect_fraction=p.protect_fraction, num_merge=p.num_merge, pool=p.pool,
+                               info_share=p.info_share, taper=p.taper)
 
 
 METHODS = {
@@ -242,8 +242,9 @@ METHODS = {
     "protected90_p7s50": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.5),
     "protected90_p7s30": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.3),
     "protected90_p7s30i15": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.3, info_pool=15),
-    # ablations of the default's ranking (ProtectedVariant): taper, span-averaged surprisal, recency
-    "protected90_s30t25": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, taper=0.25),
+    "protected90_s30t25": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3, taper=0.25),
+    "default": lambda: product_default(),               # whatever CentroidKVCache uses by default
+    # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),
     "protected90_r20": lambda: ProtectedVariant(protect_fraction=0.9, recent_share=0.2),
