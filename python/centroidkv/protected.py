@@ -27,8 +27,8 @@ from .reference import EPS, segment_average
 def pooled_scores(scores: Tensor, kernel: int = 7, taper: float = 1.0, core: int = 7) -> Tensor:
     """Max-pool of [B, H, L] scores along L (odd kernel, same length): a neighbourhood of an
     important token counts as important, so a needle's sentence is kept whole (SnapKV).
-    taper < 1: only the `core` nearest neighbours inherit a token's full score, the rest of the
-    kernel `taper` times it, so a strong peak (the needle the question points at) still keeps
+    taper < 1 (scores >= 0): only the `core` nearest neighbours inherit a token's full score, the
+    rest of the kernel `taper` times it, so a strong peak (the needle the question points at) still keeps
     its sentence while weak peaks no longer spend a whole kernel of budget each."""
     if kernel <= 1:
         return scores.float()
