@@ -243,6 +243,7 @@ METHODS = {
     "protected90_p7s30": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.3),
     "protected90_p7s30i15": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.3, info_pool=15),
     "protected90_s30t25": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3, taper=0.25),
+    "protected90_s50t25": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.5, taper=0.25),
     "default": product_default,                         # whatever CentroidKVCache uses by default
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
