@@ -28,16 +28,19 @@ def pooled_scores(scores: Tensor, kernel: int = 7, taper: float = 1.0, core: int
     """Max-pool of [B, H, L] scores along L (odd kernel, same length): a neighbourhood of an
     important token counts as important, so a needle's sentence is kept whole (SnapKV).
     taper < 1 (scores >= 0): only the `core` nearest neighbours inherit a token's full score, the
-    rest of the kernel `taper` times it, so a strong peak (the needle the question points at) still keeps
-    its sentence while weak peaks no longer spend a whole kernel of budget each."""
+    rest of the kernel `taper` times it, so a strong peak (the needle the question points at)
+    still keeps its sentence while weak peaks no longer spend a whole kernel of budget each."""
     if kernel <= 1:
         return scores.float()
     b, h, length = scores.shape
-    pool = lambda k: F.max_pool1d(scores.float().reshape(b * h, 1, length), k, stride=1,  # noqa: E731
-                                  padding=k // 2).reshape(b, h, length)
+    flat = scores.float().reshape(b * h, 1, length)
+
+    def pool(k: int) -> Tensor:
+        return F.max_pool1d(flat, k, stride=1, padding=k // 2).reshape(b, h, length)
+
     if taper >= 1.0 or core >= kernel:
         return pool(kernel)
-    return torch.maximum(pool(core) if core > 1 else scores.float(), taper * pool(kernel))
+    return torch.maximum(pool(core), taper * pool(kernel))
 
 
 def top_tokens(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,7 @@ baselines and ablations live side by side here so that they run under one protoc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -207,9 +207,8 @@ class AbsorbEvicted(Method):
 def product_default() -> ProtectedClustering:
     """The harness twin of the product's default policy (centroidkv.policy_protected)."""
     from ..policy_protected import ProtectedClustering as Product
-    p = Product()
-    return ProtectedClustering(protect_fraction=p.protect_fraction, num_merge=p.num_merge, pool=p.pool,
-                               info_share=p.info_share, taper=p.taper)
+    product = Product()  # every field of the product policy has a harness field of the same name
+    return ProtectedClustering(**{f.name: getattr(product, f.name) for f in fields(product)})
 
 
 METHODS = {
