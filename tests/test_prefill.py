@@ -7,7 +7,7 @@ pytest.importorskip("transformers")
 import centroidkv  # noqa: E402
 from centroidkv.cache import cache_argument  # noqa: E402
 from centroidkv.policy_protected import ProtectedClustering  # noqa: E402
-from centroidkv.protected import pooled_scores, protection_scores, top_tokens  # noqa: E402
+from centroidkv.protected import pooled_scores, protection_scores, top_tokens, window_ranking  # noqa: E402
 
 
 def _scores(heads=2, length=200, seed=0):
@@ -25,6 +25,27 @@ def test_pooled_scores_taper_matches_its_definition(taper):
         near = [scores[..., i] * (1.0 if abs(i - j) <= 3 else taper) for i in range(max(0, j - 15), min(67, j + 16))]
         expected[..., j] = torch.stack(near, -1).amax(-1)
     torch.testing.assert_close(pooled_scores(scores, 31, taper, core=7), expected)
+
+
+@pytest.mark.parametrize("taper", [0.0, 0.25])
+@pytest.mark.parametrize("wide_share", [0.0, 0.3, 1.0])
+def test_window_ranking_tiers_match_their_definition(wide_share, taper):
+    """The top round(wide_share * slots) by the untapered pool rank first; every other token keeps
+    its tapered-pool score, below them."""
+    window = torch.rand(1, 2, 150, generator=torch.Generator().manual_seed(6))
+    ranking = window_ranking(window, 60, pool=31, taper=taper, wide_share=wide_share)
+    tapered, wide = pooled_scores(window, 31, taper), pooled_scores(window, 31)
+    torch.testing.assert_close(window_ranking(window, 60, pool=7, taper=taper, wide_share=wide_share),
+                               pooled_scores(window, 7))  # a pool no wider than the core: one tier
+    count = round(wide_share * 60)
+    if count == 0:
+        torch.testing.assert_close(ranking, tapered)
+        return
+    top = ranking > tapered.amax(-1, keepdim=True)
+    assert (top.sum(-1) == count).all()
+    torch.testing.assert_close(ranking[~top], tapered[~top])
+    for h in range(2):  # the wide tier is the best by the untapered pool
+        assert wide[0, h][top[0, h]].min() >= wide[0, h][~top[0, h]].max()
 
 
 def test_protection_scores_split_between_window_and_surprisal():

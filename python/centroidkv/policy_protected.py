@@ -12,7 +12,9 @@ Measured trade-offs are in results/eval/README.md: on SmolLM2-135M, plain cluste
 adjacent digit tokens together and loses exact recall; protecting whole neighbourhoods (pool 31)
 of the most attended and of the most surprising tokens restores most of it in both settings, at
 some cost in prose fidelity against a narrow pool 7 without surprisal. The taper (weakly
-attended tokens bring only their 7 nearest neighbours) wins back part of that cost.
+attended tokens lend their outer neighbours a quarter of their score) wins back part of that
+cost; `wide_share` (whole sentences only around the strongest peaks) wins back a little more on
+prose and loses recall when several needles matter.
 """
 from __future__ import annotations
 
@@ -42,7 +44,11 @@ class ProtectedClustering(Policy):
             the word the question attends to.
         taper: weight of the pool's outer neighbours (beyond the nearest 7): a strongly
             attended token keeps its whole sentence, a weakly attended one only its 7 nearest
-            tokens (1 = plain max-pool of width `pool`).
+            tokens (1 = plain max-pool of width `pool`, 0 = only the 7 nearest).
+        wide_share: share of the window's exact slots that go first to the tokens best by the
+            untapered pool (whole sentences around the strongest peaks) before the tapered
+            ranking fills the rest; 0 = none (with taper=0: two tiers, measured in
+            results/eval/README.md, round 4).
         info_share: share of the protected slots ranked by token surprisal rather than window
             attention: recall that survives a question asked after compression. Needs the
             tokens' surprisal, which `centroidkv.prefill` hands the cache; without it the
@@ -52,6 +58,7 @@ class ProtectedClustering(Policy):
     num_merge: Optional[int] = 8
     pool: int = 31
     taper: float = 0.25
+    wide_share: float = 0.0
     info_share: float = 0.3
     score_window: ClassVar[int] = 32
     accumulate_scores: ClassVar[bool] = False
@@ -67,6 +74,8 @@ class ProtectedClustering(Policy):
             raise ValueError(f"ProtectedClustering: num_merge must be >= 1 or None, got {self.num_merge}")
         if self.pool < 1 or self.pool % 2 == 0:
             raise ValueError(f"ProtectedClustering: pool must be odd >= 1, got {self.pool}")
+        if not 0.0 <= self.wide_share <= 1.0:
+            raise ValueError(f"ProtectedClustering: wide_share must be in [0, 1], got {self.wide_share}")
         if not 0.0 <= self.taper <= 1.0:
             raise ValueError(f"ProtectedClustering: taper must be in [0, 1], got {self.taper}")
         if not 0.0 <= self.info_share <= 1.0:
@@ -76,7 +85,8 @@ class ProtectedClustering(Policy):
         num_merge = None if self.num_merge is None else min(self.num_merge, chunk_size // 2)
         keys, values, sizes, kept = protect_and_cluster(
             segment.keys, segment.values, segment.sizes, segment.scores, budget, self.protect_fraction,
-            chunk_size, num_merge, self.pool, segment.info, self.info_share, taper=self.taper)
+            chunk_size, num_merge, self.pool, segment.info, self.info_share, taper=self.taper,
+            wide_share=self.wide_share)
         if kept is None:
             return Segment(keys, values, sizes)
         # Protected slots keep their scores for later passes; clustered slots start from zero.

@@ -43,6 +43,21 @@ def pooled_scores(scores: Tensor, kernel: int = 7, taper: float = 1.0, core: int
     return torch.maximum(pool(core), taper * pool(kernel))
 
 
+def window_ranking(window: Tensor, slots: int, pool: int = 7, taper: float = 1.0, wide_share: float = 0.0,
+                   core: int = 7) -> Tensor:
+    """Window scores [B, H, L] ranked for `slots` exact slots: max-pooled over `pool` with the
+    outer neighbours tapered (pooled_scores), except that the top round(wide_share * slots)
+    tokens by the untapered pool rank first: whole sentences around the strongest peaks (a
+    needle under its question), while weaker peaks bring only their `core` nearest neighbours
+    when taper is 0."""
+    ranking = pooled_scores(window, pool, taper, core)
+    if wide_share <= 0 or pool <= core:
+        return ranking
+    wide = pooled_scores(window, pool).topk(min(window.shape[-1], round(wide_share * slots)), dim=-1).indices
+    above = (ranking.amax(-1, keepdim=True) + 1.0).expand_as(wide)
+    return ranking.scatter_(-1, wide, above)
+
+
 def top_tokens(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
     """(indices of the `count` highest scores, the other indices), each sorted by position."""
     order = scores.sort(dim=-1, descending=True, stable=True).indices
@@ -50,20 +65,21 @@ def top_tokens(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
 
 
 def protection_scores(window: Optional[Tensor], info: Optional[Tensor], protect: int, info_share: float = 0.0,
-                      pool: int = 7, info_pool: int = 31, taper: float = 1.0) -> Optional[Tensor]:
+                      pool: int = 7, info_pool: int = 31, taper: float = 1.0, wide_share: float = 0.0
+                      ) -> Optional[Tensor]:
     """Scores [B, H, L] whose top `protect` are the tokens to keep exact: the top
-    round((1 - info_share) * protect) by max-pooled window attention, then the best of the rest by
-    max-pooled token surprisal `info` [B, H or 1, L] (query-agnostic: a needle is unpredictable text,
-    prose mostly is not). Pooling keeps a chosen token's neighbours (its sentence) with it; the
-    window's pool is tapered by `taper` (pooled_scores). Without token scores (None or all zero)
-    the window ranks everything."""
+    round((1 - info_share) * protect) by max-pooled window attention (window_ranking), then the
+    best of the rest by max-pooled token surprisal `info` [B, H or 1, L] (query-agnostic: a needle
+    is unpredictable text, prose mostly is not). Pooling keeps a chosen token's neighbours (its
+    sentence) with it. Without token scores (None or all zero) the window ranks everything."""
     if info is None or info_share <= 0 or not bool(info.any()):
-        return None if window is None else pooled_scores(window, pool, taper)
+        return None if window is None else window_ranking(window, protect, pool, taper, wide_share)
     info = pooled_scores(info.expand(info.shape[0], window.shape[1] if window is not None else 1, -1), info_pool)
     if window is None:
         return info
     from_window = round((1.0 - info_share) * protect)
-    chosen = pooled_scores(window, pool, taper).sort(dim=-1, descending=True, stable=True).indices[..., :from_window]
+    ranked = window_ranking(window, from_window, pool, taper, wide_share)
+    chosen = ranked.sort(dim=-1, descending=True, stable=True).indices[..., :from_window]
     ranking = torch.zeros_like(info).scatter_(-1, chosen, 3.0)
     rest = info.masked_fill(ranking > 0, float("-inf"))
     chosen = rest.sort(dim=-1, descending=True, stable=True).indices[..., :protect - from_window]
@@ -84,8 +100,8 @@ def protected_count(budget: int, protect_fraction: float) -> int:
 def protect_and_cluster(keys: Tensor, values: Tensor, sizes: Optional[Tensor], scores: Optional[Tensor],
                         budget: int, protect_fraction: float = 0.5, chunk_size: int = 32,
                         num_merge: Optional[int] = None, pool: int = 7, info: Optional[Tensor] = None,
-                        info_share: float = 0.0, info_pool: int = 31, taper: float = 1.0
-                        ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                        info_share: float = 0.0, info_pool: int = 31, taper: float = 1.0,
+                        wide_share: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """[protected exact tokens | clustered rest], `budget` slots per (row, head), ranked by
     protection_scores(scores, info, ...). Also returns the protected tokens' indices [B, H, P]
     in the input (in slot order; None when nothing is protected), so that callers can carry
@@ -93,7 +109,7 @@ def protect_and_cluster(keys: Tensor, values: Tensor, sizes: Optional[Tensor], s
     if sizes is None:
         sizes = torch.ones(keys.shape[:3], device=keys.device)
     protect = protected_count(budget, protect_fraction)
-    ranking = protection_scores(scores, info, protect, info_share, pool, info_pool, taper)
+    ranking = protection_scores(scores, info, protect, info_share, pool, info_pool, taper, wide_share)
     if ranking is None or protect == 0:
         return (*cluster_to_budget(keys, values, sizes, budget, chunk_size, num_merge), None)
     kept, rest = top_tokens(ranking, protect)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..cluster_budget import PARTITIONS, cluster_to_budget
 from ..protected import (absorb_evicted, pooled_scores, protect_and_cluster, protected_count, protection_scores,
-                         top_tokens)
+                         top_tokens, window_ranking)
 
 
 @dataclass
@@ -144,6 +144,7 @@ class ProtectedClustering(Method):
     info_share: float = 0.0  # share of the protected slots ranked by token surprisal
     info_pool: int = 31
     taper: float = 1.0       # weight of the window pool's outer neighbours (pooled_scores)
+    wide_share: float = 0.0  # window slots ranked first by the untapered pool (window_ranking)
 
     def __post_init__(self):
         if not 0.0 <= self.protect_fraction <= 1.0:
@@ -152,7 +153,8 @@ class ProtectedClustering(Method):
     def compress(self, region):
         return protect_and_cluster(region.keys, region.values, None, region.window, region.budget,
                                    self.protect_fraction, self.chunk_size, self.num_merge, self.pool,
-                                   region.surprisal, self.info_share, self.info_pool, self.taper)[:3]
+                                   region.surprisal, self.info_share, self.info_pool, self.taper,
+                                   self.wide_share)[:3]
 
 
 def smoothed(info: Tensor, width: int) -> Tensor:
@@ -176,7 +178,9 @@ class ProtectedVariant(ProtectedClustering):
         m = region.keys.shape[2]
         protect = protected_count(region.budget, self.protect_fraction)
         recent = torch.arange(m - round(self.recent_share * protect), m)
-        window = pooled_scores(region.window, self.pool, self.taper).index_fill_(-1, recent, float("-inf"))
+        from_window = round((1.0 - self.info_share) * (protect - len(recent)))
+        window = window_ranking(region.window, from_window, self.pool, self.taper, self.wide_share)
+        window = window.index_fill_(-1, recent, float("-inf"))
         info = region.surprisal
         if info is not None:
             info = smoothed(info, self.info_smooth) if self.info_smooth > 1 else info.float()
@@ -243,11 +247,21 @@ METHODS = {
     "protected90_p7s30i15": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.3, info_pool=15),
     "protected90_s30t25": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3, taper=0.25),
     "protected90_s50t25": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.5, taper=0.25),
+    "protected90_s30w50": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3, wide_share=0.5,
+                                                      taper=0.0),
     "default": product_default,                         # whatever CentroidKVCache uses by default
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),
     "protected90_r20": lambda: ProtectedVariant(protect_fraction=0.9, recent_share=0.2),
+    "protected90_s30w25": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3, wide_share=0.25,
+                                                      taper=0.0),
+    "protected90_s30w75": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3, wide_share=0.75,
+                                                      taper=0.0),
+    "protected90_s30w50t25": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3, wide_share=0.5,
+                                                         taper=0.25),
+    "protected90_w50": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, wide_share=0.5, taper=0.0),
+    "protected90_t25": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, taper=0.25),  # window only
     "protected90_s100": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=1.0),
     "protected90_nobias": lambda: ProtectedClustering(protect_fraction=0.9, size_bias=False),
     "absorb_p50": lambda: AbsorbEvicted(protect_fraction=0.5),
