@@ -175,23 +175,6 @@ def test_protected_variant_defaults_are_the_product_ranking_and_recency_stays_ex
     assert (s[:, :, :86] == 1).all() and s.sum(-1).allclose(torch.full((1, 3), 256.0))
 
 
-def test_wide_tier_keeps_the_strongest_peaks_sentence_and_ranks_the_rest_by_pool_7():
-    region = _region()
-    region.window[..., 120] = 100.0  # one strong peak, as a needle under its question
-    k, _, s = E.ProtectedClustering(protect_fraction=0.9, pool=31, wide_share=0.5, taper=0.0).compress(region)
-    protect = round(0.9 * 96)
-    same = (k[:, :, :protect, None] == region.keys[:, :, None]).all(-1)  # [1, H, slot, token]
-    exact = same.any(2)[0]  # [H, token]: which tokens sit in an exact slot
-    assert exact[:, 105:136].all() and (s[:, :, :protect] == 1).all()
-    pool7 = torch.stack([region.window[0, :, max(0, j - 3):j + 4].amax(-1) for j in range(256)], -1)
-    pool31 = torch.stack([region.window[0, :, max(0, j - 15):j + 16].amax(-1) for j in range(256)], -1)
-    for h in range(3):  # beyond the wide tier, the exact tokens are the best by pool 7
-        wide = pool31[h] >= pool31[h].sort(descending=True).values[round(0.5 * protect) - 1]
-        core = exact[h] & ~wide
-        assert core.sum() >= protect - wide.sum()
-        assert pool7[h][core].min() >= pool7[h][~exact[h]].max()
-
-
 def test_default_method_is_the_products_default_policy():
     from centroidkv.policy_protected import ProtectedClustering as Product
     harness, product = E.make_method("default"), Product()

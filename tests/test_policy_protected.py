@@ -42,13 +42,13 @@ def test_tapered_pool_protects_the_strong_peaks_sentence():
     seg.scores = torch.zeros(1, 1, 256)
     seg.scores[..., 100] = 10.0
     seg.scores[..., 20::60] = 1.0
-    out = ProtectedClustering(protect_fraction=1.0, taper=0.25, info_share=0.0, wide_share=0.0).compress(seg, ratio=0.75,
+    out = ProtectedClustering(protect_fraction=1.0, taper=0.25, info_share=0.0).compress(seg, ratio=0.75,
                                                                                       chunk_size=32)
     exact = [t for t in range(256) if (out.keys[0, 0, :63] == seg.keys[0, 0, t]).all(-1).any()]
     assert set(range(85, 116)) <= set(exact)  # the whole pool around the strong peak
     weak = [20, 80, 140, 200]
     assert all(set(range(p - 3, p + 4)) <= set(exact) for p in weak)  # every weak peak's core
-    plain = ProtectedClustering(protect_fraction=1.0, taper=1.0, info_share=0.0, wide_share=0.0).compress(seg, ratio=0.75,
+    plain = ProtectedClustering(protect_fraction=1.0, taper=1.0, info_share=0.0).compress(seg, ratio=0.75,
                                                                                        chunk_size=32)
     exact_plain = [t for t in range(256) if (plain.keys[0, 0, :63] == seg.keys[0, 0, t]).all(-1).any()]
     assert not all(set(range(p - 3, p + 4)) <= set(exact_plain) for p in weak)  # the plain pool misses some
@@ -66,7 +66,7 @@ def test_wide_tier_protects_the_strong_peaks_sentence_and_every_weak_peaks_core(
     exact = [t for t in range(256) if (out.keys[0, 0, :63] == seg.keys[0, 0, t]).all(-1).any()]
     assert set(range(85, 116)) <= set(exact)
     assert all(set(range(p - 3, p + 4)) <= set(exact) for p in [20, 80, 140, 200])
-    narrow = ProtectedClustering(protect_fraction=1.0, info_share=0.0, wide_share=0.0, pool=7).compress(
+    narrow = ProtectedClustering(protect_fraction=1.0, info_share=0.0, pool=7).compress(
         seg, ratio=0.75, chunk_size=32)
     exact_narrow = [t for t in range(256) if (narrow.keys[0, 0, :63] == seg.keys[0, 0, t]).all(-1).any()]
     assert not set(range(85, 116)) <= set(exact_narrow)  # pool 7 alone cuts the sentence
