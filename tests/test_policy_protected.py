@@ -35,41 +35,43 @@ def test_protected_tokens_are_exact_and_keep_scores():
     assert torch.equal(out.scores[:, :, :32], seg.scores.gather(2, top))
 
 
-def test_tapered_pool_protects_the_strong_peaks_sentence():
-    """One strong and many weak peaks: with taper the strong peak's 31-token neighbourhood
-    stays exact, and the weak peaks' near neighbours fill the rest instead of their far ones."""
+def _one_strong_many_weak_peaks() -> Segment:
     seg = _segment(length=256, heads=1)
     seg.scores = torch.zeros(1, 1, 256)
     seg.scores[..., 100] = 10.0
     seg.scores[..., 20::60] = 1.0
-    out = ProtectedClustering(protect_fraction=1.0, taper=0.25, info_share=0.0).compress(seg, ratio=0.75,
-                                                                                      chunk_size=32)
-    exact = [t for t in range(256) if (out.keys[0, 0, :63] == seg.keys[0, 0, t]).all(-1).any()]
-    assert set(range(85, 116)) <= set(exact)  # the whole pool around the strong peak
-    weak = [20, 80, 140, 200]
-    assert all(set(range(p - 3, p + 4)) <= set(exact) for p in weak)  # every weak peak's core
-    plain = ProtectedClustering(protect_fraction=1.0, taper=1.0, info_share=0.0).compress(seg, ratio=0.75,
-                                                                                       chunk_size=32)
-    exact_plain = [t for t in range(256) if (plain.keys[0, 0, :63] == seg.keys[0, 0, t]).all(-1).any()]
-    assert not all(set(range(p - 3, p + 4)) <= set(exact_plain) for p in weak)  # the plain pool misses some
+    return seg
+
+
+def _exact_tokens(policy: ProtectedClustering, seg: Segment) -> set[int]:
+    """Positions of the tokens kept in the exact slots at ratio 0.75 (63 of them)."""
+    out = policy.compress(seg, ratio=0.75, chunk_size=32)
+    return {t for t in range(256) if (out.keys[0, 0, :63] == seg.keys[0, 0, t]).all(-1).any()}
+
+
+WEAK_PEAKS = [20, 80, 140, 200]
+
+
+def test_tapered_pool_protects_the_strong_peaks_sentence():
+    """One strong and many weak peaks: with taper the strong peak's 31-token neighbourhood
+    stays exact, and the weak peaks' near neighbours fill the rest instead of their far ones."""
+    seg = _one_strong_many_weak_peaks()
+    exact = _exact_tokens(ProtectedClustering(protect_fraction=1.0, taper=0.25, info_share=0.0), seg)
+    assert set(range(85, 116)) <= exact  # the whole pool around the strong peak
+    assert all(set(range(p - 3, p + 4)) <= exact for p in WEAK_PEAKS)  # every weak peak's core
+    exact_plain = _exact_tokens(ProtectedClustering(protect_fraction=1.0, taper=1.0, info_share=0.0), seg)
+    assert not all(set(range(p - 3, p + 4)) <= exact_plain for p in WEAK_PEAKS)  # the plain pool misses some
 
 
 def test_wide_tier_protects_the_strong_peaks_sentence_and_every_weak_peaks_core():
     """Two tiers on the same scores: half the window slots go to the strongest
     pool-31 neighbourhood, the rest by pool 7 cover every weak peak's 7 nearest tokens."""
-    seg = _segment(length=256, heads=1)
-    seg.scores = torch.zeros(1, 1, 256)
-    seg.scores[..., 100] = 10.0
-    seg.scores[..., 20::60] = 1.0
-    out = ProtectedClustering(protect_fraction=1.0, info_share=0.0, wide_share=0.5, taper=0.0).compress(
-        seg, ratio=0.75, chunk_size=32)
-    exact = [t for t in range(256) if (out.keys[0, 0, :63] == seg.keys[0, 0, t]).all(-1).any()]
-    assert set(range(85, 116)) <= set(exact)
-    assert all(set(range(p - 3, p + 4)) <= set(exact) for p in [20, 80, 140, 200])
-    narrow = ProtectedClustering(protect_fraction=1.0, info_share=0.0, pool=7).compress(
-        seg, ratio=0.75, chunk_size=32)
-    exact_narrow = [t for t in range(256) if (narrow.keys[0, 0, :63] == seg.keys[0, 0, t]).all(-1).any()]
-    assert not set(range(85, 116)) <= set(exact_narrow)  # pool 7 alone cuts the sentence
+    seg = _one_strong_many_weak_peaks()
+    exact = _exact_tokens(ProtectedClustering(protect_fraction=1.0, info_share=0.0, wide_share=0.5, taper=0.0), seg)
+    assert set(range(85, 116)) <= exact
+    assert all(set(range(p - 3, p + 4)) <= exact for p in WEAK_PEAKS)
+    exact_narrow = _exact_tokens(ProtectedClustering(protect_fraction=1.0, info_share=0.0, pool=7), seg)
+    assert not set(range(85, 116)) <= exact_narrow  # pool 7 alone cuts the sentence
 
 
 def test_validation():
