@@ -86,10 +86,10 @@ def test_generate_with_padding_matches_alone():
     mask = (torch.arange(150)[None] >= torch.tensor([[0], [60]])).long()
     options = dict(ratio=0.75, chunk_size=8, recent=16)
     out = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                         past_key_values=centroidkv.CentroidKVCache(**options))
+                         **{cache_argument(model): centroidkv.CentroidKVCache(**options)})
     for row, prompt in enumerate([long, short]):
         alone = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                               past_key_values=centroidkv.CentroidKVCache(**options))
+                               **{cache_argument(model): centroidkv.CentroidKVCache(**options)})
         assert torch.equal(out[row, -12:], alone[0, -12:])
 
 
@@ -153,7 +153,7 @@ def test_budget_mode_keeps_rows_within_budget():
     model = tiny_model("llama", seed=8)
     cache = centroidkv.CentroidKVCache(budget=120, chunk_size=8, sink=4, recent=16)
     model.generate(torch.randint(1, VOCAB, (1, 400)), max_new_tokens=30, do_sample=False, pad_token_id=0,
-                   past_key_values=cache)
+                   **{cache_argument(model): cache})
     layer = cache.layers[0]
     assert cache.get_seq_length() == 429
     assert max(layer.lengths) <= 120

@@ -22,18 +22,18 @@ def test_family_generates_and_positions_continue(family):
     mask[1, :40] = 0
     options = dict(ratio=0.75, chunk_size=8, recent=16)
     cache = centroidkv.CentroidKVCache(**options)
+    name = cache_argument(model)
     out = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
-                         past_key_values=cache)
+                         **{name: cache})
     assert out.shape == (2, 170)
     assert cache.get_seq_length() == 169  # uncompressed, though far fewer slots are held
     full_layer = 1 if family == "gemma3" else 0
     assert max(cache.live_slots(full_layer)) < 100
     for row in range(2):  # padding never changes a row's output
         alone = model.generate(prompt[row:row + 1, mask[row].bool()], max_new_tokens=10, do_sample=False,
-                               pad_token_id=0, past_key_values=centroidkv.CentroidKVCache(**options))
+                               pad_token_id=0, **{name: centroidkv.CentroidKVCache(**options)})
         assert torch.equal(alone[0, -10:], out[row, -10:])
     # Without position_ids the next position is the uncompressed length.
-    name = cache_argument(model)
     with torch.no_grad():
         one = centroidkv.CentroidKVCache(**options)
         model(prompt[:1], use_cache=True, **{name: one})

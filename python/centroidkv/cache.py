@@ -2,7 +2,7 @@
 
 Use it with a model loaded with attn_implementation="centroidkv" (hf_attention.py):
 
-    model.generate(..., past_key_values=centroidkv.CentroidKVCache(ratio=0.75))
+    model.generate(..., cache=centroidkv.CentroidKVCache(ratio=0.75))   # past_key_values= before 5.24
 
 Layout of one layer. Each layer keeps preallocated buffers keys [B, H, capacity, Dk], values
 [B, H, capacity, Dv] and sizes [B, H, capacity] (float32, tokens each slot stands for). Row b
