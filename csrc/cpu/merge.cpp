@@ -39,10 +39,10 @@ struct Rows {
   const char* data;
   int64_t stride_b, stride_h, stride_l;  // in elements
   int64_t dim;
-  size_t elem;  // bytes per element
+  int64_t elem;  // bytes per element
 
   const char* row(int64_t b, int64_t h, int64_t l) const {
-    return data + (b * stride_b + h * stride_h + l * stride_l) * static_cast<int64_t>(elem);
+    return data + (b * stride_b + h * stride_h + l * stride_l) * elem;
   }
 };
 
@@ -59,13 +59,10 @@ Rows rows_of(const at::Tensor& t) {
 // order, so the result does not depend on the vector width the compiler picks.
 using Float8 = float __attribute__((vector_size(32)));
 
-__attribute__((always_inline)) inline Float8 load8(const float* p) {
-  Float8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+// Vectors go by reference: passing a 32-byte vector by value changes the ABI with AVX on or off.
+__attribute__((always_inline)) inline void load8(Float8& v, const float* p) { std::memcpy(&v, p, sizeof(v)); }
 
-__attribute__((always_inline)) inline float sum8(Float8 a) {
+__attribute__((always_inline)) inline float sum8(const Float8& a) {
   return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
 
@@ -80,8 +77,8 @@ __attribute__((always_inline)) inline void dot_block(const float* const* x, cons
   int64_t d = 0;
   for (; d + 8 <= n; d += 8) {
     Float8 xv[NA], yv[NB];
-    for (int i = 0; i < NA; ++i) xv[i] = load8(x[i] + d);
-    for (int j = 0; j < NB; ++j) yv[j] = load8(y[j] + d);
+    for (int i = 0; i < NA; ++i) load8(xv[i], x[i] + d);
+    for (int j = 0; j < NB; ++j) load8(yv[j], y[j] + d);
     for (int i = 0; i < NA; ++i)
       for (int j = 0; j < NB; ++j) acc[i][j] += xv[i] * yv[j];
   }
