@@ -1,5 +1,6 @@
 """The `centroidkv` command: help, error paths, and a small demo run."""
 import os
+import re
 import subprocess
 import sys
 
@@ -44,6 +45,25 @@ def test_missing_model_folder(tmp_path):
     prompt = tmp_path / "p.txt"
     prompt.write_text("Hello")
     assert cli.main(["generate", "--model", str(tmp_path / "none"), "--prompt-file", str(prompt)]) == 2
+
+
+def test_model_may_be_a_folder_a_gguf_file_or_a_folder_with_one_gguf(tmp_path):
+    hf, one, two = (tmp_path / name for name in ("hf", "one", "two"))
+    for folder in (hf, one, two):
+        folder.mkdir()
+    (hf / "config.json").write_text("{}")
+    (one / "m.gguf").write_bytes(b"")
+    (two / "a.gguf").write_bytes(b"")
+    (two / "b.gguf").write_bytes(b"")
+    assert cli.model_files(str(hf), None) == (hf, None)
+    assert cli.model_files(str(one), None) == (one, "m.gguf")
+    assert cli.model_files(str(one / "m.gguf"), None) == (one, "m.gguf")
+    assert cli.model_files(str(two), "b.gguf") == (two, "b.gguf")
+    for model, gguf, message in [(two, None, "several .gguf files (a.gguf, b.gguf)"), (tmp_path, None, "no .gguf"),
+                                 (hf / "config.json", None, "is a file"), (one / "m.gguf", "m.gguf", "is a file"),
+                                 (one, "x.gguf", "--gguf:")]:
+        with pytest.raises(cli.UsageError, match=re.escape(message)):
+            cli.model_files(str(model), gguf)
 
 
 def test_package_folder_does_not_import(monkeypatch):

@@ -25,9 +25,10 @@ if importlib.util.find_spec("transformers") is not None:
     from . import hf_attention, policies  # noqa: E402
     from .cache import CentroidKVCache  # noqa: E402
     from .policies import PlainClustering, Policy  # noqa: E402
-    from .policy_protected import ProtectedClustering  # noqa: E402
+    from .policy_protected import AbsorbIntoSurvivors, ProtectedClustering  # noqa: E402
     from .prefill import prefill  # noqa: E402
 
     hf_attention.register()
-    __all__ += ["CentroidKVCache", "PlainClustering", "Policy", "ProtectedClustering", "policies", "prefill"]
+    __all__ += ["AbsorbIntoSurvivors", "CentroidKVCache", "PlainClustering", "Policy", "ProtectedClustering",
+                "policies", "prefill"]
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """Loads the compiled ops into torch.ops.centroidkv.
 
 Installed packages carry centroidkv._C. From a source checkout that was never installed, set
-CENTROIDKV_JIT_BUILD=1 (or call build_extension()) to compile the same sources on the fly with
+CENTROIDKV_JIT_BUILD=1 to compile the same sources on the fly with
 torch.utils.cpp_extension.load; the result is cached under torch's extensions folder.
 """
 from __future__ import annotations

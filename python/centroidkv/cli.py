@@ -40,17 +40,36 @@ def pass_key_prompt(tokenizer, context_tokens: int, seed: int) -> tuple[str, str
     return f"{sample.context}\n\n{sample.question}\n{sample.answer_prefix}", sample.answers[0]
 
 
+def model_files(model_path: str, gguf_file: Optional[str]) -> tuple[Path, Optional[str]]:
+    """(folder, GGUF file name or None) from --model and --gguf: --model may be a folder with
+    config.json, a .gguf file, or a folder holding exactly one .gguf."""
+    path = Path(model_path)
+    if not path.exists():
+        raise UsageError(f"--model: {model_path} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf" or gguf_file is not None:
+            raise UsageError(f"--model: {model_path} is a file; give a .gguf file, or its folder with --gguf")
+        return path.parent, path.name
+    if gguf_file is not None:
+        if not (path / gguf_file).is_file():
+            raise UsageError(f"--gguf: {path / gguf_file} is not a file")
+        return path, gguf_file
+    if (path / "config.json").is_file():
+        return path, None
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) != 1:
+        found = f"several .gguf files ({', '.join(ggufs)}): pick one with --gguf" if ggufs else "no .gguf file"
+        raise UsageError(f"--model: {model_path} has no config.json and {found}")
+    return path, ggufs[0]
+
+
 def load_model(model_path: str, gguf_file: Optional[str], device: str, dtype_name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import centroidkv  # noqa: F401  (registers attn_implementation="centroidkv")
 
-    path = Path(model_path)
-    if not path.exists():
-        raise UsageError(f"--model: {model_path} does not exist")
-    if gguf_file is not None and not (path / gguf_file).is_file():
-        raise UsageError(f"--gguf: {path / gguf_file} is not a file")
+    path, gguf_file = model_files(model_path, gguf_file)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **extra)
@@ -222,8 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="greedy generation with CentroidKV on any local model",
         description="Loads a local transformers model folder (or a GGUF file in it) with "
                     "attn_implementation='centroidkv' and continues the prompt greedily.")
-    gen.add_argument("--model", required=True, help="local model folder (config + weights, or a .gguf)")
-    gen.add_argument("--gguf", default=None, help="GGUF file name inside --model, if the weights are GGUF")
+    gen.add_argument("--model", required=True,
+                     help="local model: a folder with config.json and weights, a .gguf file, "
+                          "or a folder holding one .gguf")
+    gen.add_argument("--gguf", default=None, help="GGUF file name inside --model, if it holds several")
     gen.add_argument("--prompt-file", required=True, help="text file holding the prompt")
     common(gen, "compression ratio")
     gen.add_argument("--chunk-size", type=_positive, default=32, help="clustering chunk, even (default 32)")

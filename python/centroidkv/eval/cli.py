@@ -10,7 +10,7 @@ from .methods import ABLATIONS, MAIN_METHODS, METHODS
 from .tasks import TASKS
 
 QUICK = dict(model="random-llama", tasks=["passkey", "niah_multikey", "prose"], lengths=[256],
-             ratios=[0.5, 0.75], methods=["full", "paper", "snapkv", "streaming", "protected50", "absorb"],
+             ratios=[0.5, 0.75], methods=["full", "default", "paper", "snapkv", "streaming", "protected50", "absorb"],
              samples=2, prose_samples=1, prose_continuation=16)
 
 
@@ -26,20 +26,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_csv(str), default=["passkey", "niah_single", "niah_multikey", "prose"],
                    help=f"comma list of {sorted(TASKS) + ['prose']}")
     p.add_argument("--lengths", type=_csv(int), default=[1024], help="context lengths in tokens")
-    p.add_argument("--ratios", type=_csv(float), default=[0.5, 0.75])
+    p.add_argument("--ratios", type=_csv(float), default=[0.5, 0.75],
+                   help="comma list of compression ratios, each in [0, 1) (default 0.5,0.75)")
     p.add_argument("--methods", type=_csv(str), default=MAIN_METHODS,
                    help=f"comma list, 'main', 'ablations' or 'all'; known: {sorted(METHODS)}")
     p.add_argument("--samples", type=int, default=10, help="samples per (task, length)")
-    p.add_argument("--prose-samples", type=int, default=3)
-    p.add_argument("--prose-continuation", type=int, default=128, help="teacher-forced tokens")
-    p.add_argument("--settings", type=_csv(str), default=["question_in_prompt", "question_after"])
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template (an error if it has none, as Gemma-3-270M's GGUF)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("results/eval/latest"))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--prose-samples", type=int, default=3, help="prose texts per length (default 3)")
+    p.add_argument("--prose-continuation", type=int, default=128,
+                   help="teacher-forced tokens per prose text (default 128)")
+    p.add_argument("--settings", type=_csv(str), default=["question_in_prompt", "question_after"],
+                   help="comma list: question_in_prompt (compress with the question in the prompt), "
+                        "question_after (compress the context, then ask); default both")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap prompts in the tokenizer's chat template (an error if it has none, "
+                        "as Gemma-3-270M's GGUF)")
+    p.add_argument("--seed", type=int, default=0, help="sample generator seed (default 0)")
+    p.add_argument("--out", type=Path, default=Path("results/eval/latest"),
+                   help="folder for samples.jsonl, summary.md, config.json and plots (default results/eval/latest)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--quick", action="store_true", help="tiny grid on a random-weight model (~1 min)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny grid on a random-weight model (seconds; the test suite runs it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
