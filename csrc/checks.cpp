@@ -2,6 +2,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <limits>
+
 namespace centroidkv {
 namespace {
 
@@ -82,7 +85,7 @@ void check_merge_args(const at::Tensor& keys, const at::Tensor& values,
 }
 
 void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const c10::optional<at::Tensor>& sizes,
+                          const c10::optional<at::Tensor>& sizes, double scale,
                           const c10::optional<at::Tensor>& lengths) {
   const char* op = "centroidkv.attention";
   check_rank(q, 4, op, "q", "[B, Hq, Tq, D]");
@@ -100,8 +103,10 @@ void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Te
               q.size(3));
   TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2), op, ": v shape ", v.sizes(),
               " does not match k shape ", k.sizes(), " in [B, Hkv, L]");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op,
-              ": query heads (", q.size(1), ") must be a multiple of KV heads (", k.size(1), ")");
+  TORCH_CHECK(k.size(1) > 0, op, ": k must have at least one KV head, got shape ", k.sizes());
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, op, ": query heads (", q.size(1),
+              ") must be a multiple of KV heads (", k.size(1), ")");
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be a finite number, got ", scale);
   if (sizes.has_value()) check_sizes_tensor(*sizes, k, op, "k");
   if (lengths.has_value()) {
     TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == q.size(0), op,
@@ -114,9 +119,9 @@ void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 void check_sizes_values(const at::Tensor& sizes, const char* op) {
   if (sizes.numel() == 0) return;
-  // `>= 0` is false for NaN, so one reduction rejects both negative and NaN sizes.
-  TORCH_CHECK(sizes.ge(0).all().item<bool>(), op,
-              ": sizes must be >= 0 and not NaN (0 marks padding)");
+  // `>= 0` is false for NaN, and `< inf` for inf: one reduction rejects all three.
+  TORCH_CHECK(sizes.ge(0).logical_and(sizes.lt(std::numeric_limits<float>::infinity())).all().item<bool>(),
+              op, ": sizes must be finite and >= 0 (0 marks padding)");
 }
 
 }  // namespace centroidkv

@@ -18,7 +18,7 @@ void check_merge_args(const at::Tensor& keys, const at::Tensor& values,
                       const c10::optional<at::Tensor>& sizes, int64_t chunk_size,
                       int64_t num_merge, const c10::optional<at::Tensor>& metric);
 void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const c10::optional<at::Tensor>& sizes,
+                          const c10::optional<at::Tensor>& sizes, double scale,
                           const c10::optional<at::Tensor>& lengths);
 
 // Values that can only be checked by reading the data (a device sync on CUDA).

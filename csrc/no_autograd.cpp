@@ -11,12 +11,17 @@
 namespace centroidkv {
 namespace {
 
-bool any_input_requires_grad(const torch::jit::Stack& stack, size_t num_args) {
-  for (size_t i = stack.size() - num_args; i < stack.size(); ++i) {
-    const c10::IValue& arg = stack[i];
-    if (arg.isTensor() && arg.toTensor().defined() && arg.toTensor().requires_grad()) return true;
+// Schema name of the first tensor argument that requires grad, or nullptr if none does.
+const char* input_requiring_grad(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack.size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::IValue& arg = stack[first + i];
+    if (arg.isTensor() && arg.toTensor().defined() && arg.toTensor().requires_grad()) {
+      return args[i].name().c_str();
+    }
   }
-  return false;
+  return nullptr;
 }
 
 void below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
@@ -27,11 +32,10 @@ void below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 
 void reject_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                  torch::jit::Stack* stack) {
-  const size_t num_args = op.schema().arguments().size();
-  TORCH_CHECK(!(c10::GradMode::is_enabled() && any_input_requires_grad(*stack, num_args)),
-              op.schema().name(),
-              " is an inference op and has no gradient; call it under torch.no_grad() or pass "
-              "detached tensors");
+  const char* name = c10::GradMode::is_enabled() ? input_requiring_grad(op, *stack) : nullptr;
+  TORCH_CHECK(name == nullptr, op.schema().name(),
+              " is an inference op and has no gradient, but its argument '", name,
+              "' requires grad; call it under torch.no_grad() or pass detached tensors");
   below_autograd(op, keys, stack);
 }
 

@@ -291,8 +291,8 @@ def test_cuda_graph_capture(tq):
 @pytest.mark.parametrize("device", DEVICES)
 def test_rejects_gradients(device):
     q, k, v, sizes = make_inputs(device, torch.float32, length=5)
-    with pytest.raises(RuntimeError, match="no gradient"):
-        centroidkv.attention(q.requires_grad_(), k, v, sizes)
+    with pytest.raises(RuntimeError, match="no gradient, but its argument 'v' requires grad"):
+        centroidkv.attention(q, k, v.requires_grad_(), sizes)
 
 
 BAD_INPUTS = [
@@ -310,10 +310,44 @@ BAD_INPUTS = [
     ("sizes dtype", lambda q, k, v, s, n: (q, k, v, s.double(), n), "sizes must be float32"),
     ("lengths shape", lambda q, k, v, s, n: (q, k, v, s, n[:1]), "lengths must have shape"),
     ("lengths dtype", lambda q, k, v, s, n: (q, k, v, s, n.float()), "lengths must be int64"),
+    ("no KV heads", lambda q, k, v, s, n: (q[:, :0], k[:, :0], v[:, :0], s[:, :0], n), "at least one KV head"),
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("device", DEVICES + ["meta"])
+def test_scale_must_be_finite(device, scale):
+    q, k, v, sizes = make_inputs(device, torch.float32, length=9)
+    with pytest.raises(RuntimeError, match="scale must be a finite number"):
+        centroidkv.attention(q, k, v, sizes, scale=scale)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_cpu_rejects_sizes_it_cannot_weigh(bad):
+    # Cheap to read on the CPU; the CUDA kernel does not sync to check (README, Semantics).
+    q, k, v, sizes = make_inputs("cpu", torch.float32, length=9)
+    sizes[1, 0, 4] = bad
+    with pytest.raises(RuntimeError, match="sizes must be finite and >= 0"):
+        centroidkv.attention(q, k, v, sizes)
+
+
+@pytest.mark.parametrize("name", ["k", "v", "sizes", "lengths"])
+def test_one_meta_argument_is_a_device_error_not_an_empty_result(name):
+    # Meta wins dispatch over CPU, so these calls reach the fake kernel: it must refuse them.
+    q, k, v, sizes = make_inputs("cpu", torch.float32, length=9)
+    args = dict(k=k, v=v, sizes=sizes, lengths=torch.tensor([9, 3]))
+    args[name] = args[name].to("meta")
+    with pytest.raises(RuntimeError, match=f"{name} is on meta but (q|k) is on cpu"):
+        torch.ops.centroidkv.attention(q, args["k"], args["v"], args["sizes"], 0.125, args["lengths"])
+
+
+def test_zero_head_dim_needs_no_scale():
+    q, k, v, _ = make_inputs("cpu", torch.float32, length=9, dim=0, dim_v=8)
+    out = centroidkv.attention(q, k, v)  # every logit is 0: the plain mean of the values
+    torch.testing.assert_close(out, v.mean(2, keepdim=True).repeat_interleave(4, 1))
+
+
+@pytest.mark.parametrize("device", DEVICES + ["meta"])  # meta: the fake kernel checks the same
 @pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_inputs(device, name, mutate, message):
     q, k, v, sizes = make_inputs(device, torch.float32, length=9)

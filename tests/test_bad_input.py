@@ -1,4 +1,5 @@
-"""Bad arguments to match and merge raise RuntimeError naming the argument."""
+"""Bad arguments to match and merge raise RuntimeError naming the argument, in the kernels and
+in the fake kernels that torch.compile traces with."""
 import pytest
 import torch
 
@@ -54,8 +55,9 @@ def merge_bad_cases(device):
         "chunk 1": (dict(chunk_size=1, num_merge=0), "chunk_size must be an even number >= 2"),
         "negative merge": (dict(num_merge=-1), "num_merge must be in"),
         "too many merges": (dict(num_merge=5), "num_merge must be in"),
-        "negative sizes": (dict(sizes=torch.full((B, H, L), -1.0, **f32)), "sizes must be >= 0"),
-        "nan sizes": (dict(sizes=torch.full((B, H, L), float("nan"), **f32)), "not NaN"),
+        "negative sizes": (dict(sizes=torch.full((B, H, L), -1.0, **f32)), "sizes must be finite and >= 0"),
+        "nan sizes": (dict(sizes=torch.full((B, H, L), float("nan"), **f32)), "sizes must be finite and >= 0"),
+        "inf sizes": (dict(sizes=torch.full((B, H, L), float("inf"), **f32)), "sizes must be finite and >= 0"),
         "float16 sizes": (dict(sizes=torch.ones(B, H, L, device=device, dtype=torch.float16)),
                           "sizes must be float32"),
         "int sizes": (dict(sizes=torch.ones(B, H, L, device=device, dtype=torch.int64)),
@@ -78,6 +80,53 @@ def test_merge_rejects(device, case):
                                    args["num_merge"], args["metric"])
 
 
+# Cases the fake kernel cannot see (they need the data) or that need a second real device.
+DATA_OR_DEVICE_CASES = {"negative sizes", "nan sizes", "inf sizes", "values device", "sizes device", "metric device"}
+
+
+@pytest.mark.parametrize("case", sorted(set(merge_bad_cases("cpu")) - DATA_OR_DEVICE_CASES))
+def test_fake_merge_rejects_like_the_kernels(case):
+    # All-meta inputs run the fake kernel, as torch.compile's tracing does.
+    change, message = merge_bad_cases("meta")[case]
+    args = {**good("meta"), **change}
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.centroidkv.merge(args["keys"], args["values"], args["sizes"], args["chunk_size"],
+                                   args["num_merge"], args["metric"])
+
+
+@pytest.mark.parametrize("name", ["values", "sizes", "metric"])
+def test_one_meta_argument_is_a_device_error_not_an_empty_result(name):
+    # Meta wins dispatch over CPU, so these calls reach the fake kernel: it must refuse them.
+    args = good("cpu")
+    args["metric"] = torch.randn(B, H, L, 4)
+    args[name] = args[name].to("meta")
+    with pytest.raises(RuntimeError, match=f"{name} is on meta but keys is on cpu"):
+        torch.ops.centroidkv.merge(args["keys"], args["values"], args["sizes"], 8, 4, args["metric"])
+
+
+@pytest.mark.parametrize("chunk_size", [L + 2, 2 ** 40])
+def test_chunk_longer_than_the_sequence_passes_through(chunk_size):
+    # No full chunk: nothing chunk-sized may be allocated, however large chunk_size is.
+    args = good("cpu")
+    keys, values, sizes = centroidkv.merge(args["keys"], args["values"], args["sizes"], chunk_size, 4)
+    assert torch.equal(keys, args["keys"]) and torch.equal(values, args["values"])
+    assert torch.equal(sizes, args["sizes"])
+    assert torch.equal(centroidkv.match(args["keys"], chunk_size, 4), torch.arange(L).expand(B, H, L))
+
+
+def test_compress_checks_its_arguments_even_when_no_pass_runs():
+    args = good("cpu")
+    with pytest.raises(RuntimeError, match="keys must have 4 dimensions"):
+        centroidkv.compress(args["keys"][0, 0], args["values"][0, 0], ratio=0.0)
+    with pytest.raises(RuntimeError, match="keys must be float32"):
+        centroidkv.compress(args["keys"].long(), args["values"].long(), ratio=0.0)
+    with pytest.raises(TypeError, match="ratio must be a number"):
+        centroidkv.compress(args["keys"], args["values"], ratio="0.5")
+    keys, values, sizes = centroidkv.compress(args["keys"], args["values"], ratio=0.0)
+    assert torch.equal(keys, args["keys"]) and keys.data_ptr() != args["keys"].data_ptr()
+    assert torch.equal(sizes, torch.ones(B, H, L))
+
+
 MATCH_BAD = {
     "metric rank": (torch.randn(B, L, D), 8, 4, "metric must have 4 dimensions"),
     "integer metric": (torch.ones(B, H, L, D, dtype=torch.int32), 8, 4,
@@ -90,7 +139,7 @@ MATCH_BAD = {
 
 
 @pytest.mark.parametrize("case", list(MATCH_BAD))
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES + ["meta"])
 def test_match_rejects(device, case):
     metric, chunk, merges, message = MATCH_BAD[case]
     with pytest.raises(RuntimeError, match=message):
@@ -101,7 +150,7 @@ def test_match_rejects(device, case):
 def test_requires_grad_is_a_clear_error_and_no_grad_works(device):
     args = good(device)
     keys = args["keys"].requires_grad_()
-    with pytest.raises(RuntimeError, match="inference op and has no gradient"):
+    with pytest.raises(RuntimeError, match="inference op and has no gradient, but its argument 'keys'"):
         centroidkv.merge(keys, args["values"], args["sizes"], 8, 4)
     # match returns an integer map, which has no gradient to get wrong: it simply works.
     assert torch.equal(centroidkv.match(keys, 8, 4), centroidkv.match(keys.detach(), 8, 4))

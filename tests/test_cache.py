@@ -215,10 +215,19 @@ def test_window_policies_observe_prefill_only(policy_type):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(ratio=1.0), "ratio"), (dict(ratio=-0.1), "ratio"), (dict(chunk_size=7), "chunk_size"),
     (dict(sink=-1), "sink"), (dict(budget=10), "budget"), (dict(policy="plain"), "policy"),
+    (dict(ratio="0.5"), "ratio must be a number"), (dict(ratio=torch.tensor(0.5)), "ratio must be a number"),
+    (dict(chunk_size=8.0), "chunk_size must be an integer"), (dict(recent=True), "recent must be an integer"),
 ])
 def test_bad_options_are_rejected(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         centroidkv.CentroidKVCache(**kwargs)
+
+
+def test_numpy_numbers_are_numbers():
+    numpy = pytest.importorskip("numpy")
+    cache = centroidkv.CentroidKVCache(numpy.float32(0.5), chunk_size=numpy.int64(8), sink=numpy.int32(2))
+    assert (cache.options.ratio, cache.options.chunk_size, cache.options.sink) == (0.5, 8, 2)
+    assert type(cache.options.chunk_size) is int
 
 
 def test_plain_policy_block_sizes():

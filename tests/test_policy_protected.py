@@ -83,6 +83,12 @@ def test_validation():
         ProtectedClustering(wide_share=-0.1)
     with pytest.raises(ValueError, match="pool"):
         AbsorbIntoSurvivors(pool=2)
+    with pytest.raises(TypeError, match="pool must be an integer"):
+        ProtectedClustering(pool=31.0)
+    with pytest.raises(TypeError, match="protect_fraction must be a number"):
+        ProtectedClustering(protect_fraction="0.5")
+    with pytest.raises(TypeError, match="num_merge must be an integer"):
+        ProtectedClustering(num_merge=1.5)
 
 
 @pytest.mark.parametrize("policy", [ProtectedClustering(), AbsorbIntoSurvivors()])

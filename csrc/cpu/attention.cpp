@@ -139,7 +139,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                          const c10::optional<at::Tensor>& sizes_in, double scale,
                          const c10::optional<at::Tensor>& lengths_in) {
-  check_attention_args(q_in, k_in, v_in, sizes_in, lengths_in);
+  check_attention_args(q_in, k_in, v_in, sizes_in, scale, lengths_in);
+  // Reading sizes costs 1/D of the attention itself here; the CUDA kernel skips it (a sync).
+  if (sizes_in.has_value()) check_sizes_values(*sizes_in, "centroidkv.attention");
   const at::Tensor q = with_dense_rows(q_in), k = with_dense_rows(k_in), v = with_dense_rows(v_in);
   at::Tensor sizes, lengths;
   if (sizes_in.has_value()) sizes = sizes_in->contiguous();

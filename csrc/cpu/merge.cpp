@@ -16,6 +16,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <new>
+#include <stdexcept>
 #include <tuple>
 #include <vector>
 
@@ -118,6 +120,21 @@ struct Scratch {
         sizes(c),
         acc(std::max<int64_t>(row_dim, 1)) {}
 };
+
+// One worker's scratch. Its similarity block grows as (c/2)^2 floats, so an oversized chunk_size
+// fails here with a message naming it rather than a bare std::bad_alloc. With no full chunk
+// (n == 0, everything passes through) nothing chunk-sized is allocated at all.
+Scratch make_scratch(int64_t n, int64_t c, int64_t r, int64_t metric_dim, bool metric_needs_copy,
+                     int64_t row_dim) {
+  if (n == 0) return Scratch(0, 0, 0, false, row_dim);
+  try {
+    return Scratch(c, r, metric_dim, metric_needs_copy, row_dim);
+  } catch (const std::bad_alloc&) {
+  } catch (const std::length_error&) {
+  }
+  TORCH_CHECK(false, "centroidkv: chunk_size ", c, " needs (chunk_size / 2)^2 = ", (c / 2) * (c / 2),
+              " floats of scratch per thread, which could not be allocated");
+}
 
 // Pointer to the fp32 rows of chunk tokens l0 .. l0+c-1 of metric for (b, h); non-fp32 metrics
 // are converted once into scratch. *row_stride receives the distance between rows in floats.
@@ -240,9 +257,10 @@ template <typename Body>
 void for_each_chunk(int64_t batch, int64_t heads, int64_t num_chunks, int64_t chunk_size,
                     int64_t metric_dim, int64_t row_dims, const Body& body) {
   const int64_t per_bh = num_chunks + 1;
-  // Similarities cost (c/2)^2 Dm, moving rows c (Dk + Dv); aim for ~32k of that per task.
-  const int64_t work_per_chunk =
-      (chunk_size / 2) * (chunk_size / 2) * metric_dim + chunk_size * (row_dims + 1);
+  // Similarities cost (c/2)^2 Dm, moving rows c (Dk + Dv); aim for ~32k of that per task. With
+  // no full chunk only the tail moves (and a huge chunk_size must not overflow the estimate).
+  const int64_t c = num_chunks > 0 ? chunk_size : 0;
+  const int64_t work_per_chunk = (c / 2) * (c / 2) * metric_dim + c * (row_dims + 1);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_chunk, 1));
   at::parallel_for(0, batch * heads * per_bh, grain, [&](int64_t begin, int64_t end) {
     body(begin, end, per_bh);
@@ -284,7 +302,7 @@ at::Tensor match_cpu(const at::Tensor& metric_in, int64_t chunk_size, int64_t nu
   const bool needs_copy = metric.scalar_type() != at::kFloat;
 
   for_each_chunk(batch, heads, n, c, m.dim, 0, [&](int64_t begin, int64_t end, int64_t per_bh) {
-    Scratch s(c, r, m.dim, needs_copy, 0);
+    Scratch s = make_scratch(n, c, r, m.dim, needs_copy, 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bh = i / per_bh, j = i % per_bh, b = bh / heads, h = bh % heads;
       int64_t* o = out + bh * length;
@@ -332,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cpu(
     scalar_t* ov = out_values.data_ptr<scalar_t>();
     for_each_chunk(batch, heads, n, c, m.dim, dk + dv, [&](int64_t begin, int64_t end,
                                                         int64_t per_bh) {
-      Scratch s(c, r, m.dim, needs_copy, std::max(dk, dv));
+      Scratch s = make_scratch(n, c, r, m.dim, needs_copy, std::max(dk, dv));
       for (int64_t i = begin; i < end; ++i) {
         const int64_t bh = i / per_bh, j = i % per_bh, b = bh / heads, h = bh % heads;
         const float* size_row = sizes_ptr ? sizes_ptr + b * ss_b + h * ss_h : nullptr;

@@ -701,7 +701,7 @@ at::Tensor attention_composite(const at::Tensor& q, const at::Tensor& k, const a
 at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in,
                           const c10::optional<at::Tensor>& sizes_in, double scale,
                           const c10::optional<at::Tensor>& lengths_in) {
-  check_attention_args(q, k_in, v_in, sizes_in, lengths_in);
+  check_attention_args(q, k_in, v_in, sizes_in, scale, lengths_in);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t batch = q.size(0), q_heads = q.size(1), tq = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k_in.size(1), length = k_in.size(2), dim_v = v_in.size(3);

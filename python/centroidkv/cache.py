@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .arguments import as_float, as_int
 from .policies import Policy, Segment, validate_policy
 
 # The layer whose update() ran last in this thread and the key view it returned: the attention
@@ -531,20 +532,25 @@ class CentroidKVCache(Cache):
 
     def __init__(self, ratio: Optional[float] = None, *, budget: Optional[int] = None, chunk_size: int = 32,
                  sink: int = 4, recent: int = 64, policy: Optional[Policy] = None):
+        owner = "CentroidKVCache"
         if ratio is None:
             ratio = 0.0 if budget is not None else 0.75
-        if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        ratio = as_float(owner, "ratio", ratio)
+        chunk_size, sink, recent = (as_int(owner, name, value) for name, value in
+                                    (("chunk_size", chunk_size), ("sink", sink), ("recent", recent)))
+        budget = None if budget is None else as_int(owner, "budget", budget)
+        if not 0.0 <= ratio < 1.0:
             raise ValueError(f"CentroidKVCache: ratio must be in [0, 1), got {ratio!r}")
-        if not isinstance(chunk_size, int) or chunk_size < 2 or chunk_size % 2:
+        if chunk_size < 2 or chunk_size % 2:
             raise ValueError(f"CentroidKVCache: chunk_size must be an even integer >= 2, got {chunk_size!r}")
         for name, value in (("sink", sink), ("recent", recent)):
-            if not isinstance(value, int) or value < 0:
+            if value < 0:
                 raise ValueError(f"CentroidKVCache: {name} must be an integer >= 0, got {value!r}")
-        if budget is not None and (not isinstance(budget, int) or budget < sink + recent + chunk_size):
+        if budget is not None and budget < sink + recent + chunk_size:
             raise ValueError(f"CentroidKVCache: budget must be an integer >= sink + recent + chunk_size "
                              f"= {sink + recent + chunk_size}, got {budget!r}")
         super().__init__(layers=[])
-        self.options = CacheOptions(float(ratio), budget, chunk_size, sink, recent, validate_policy(policy))
+        self.options = CacheOptions(ratio, budget, chunk_size, sink, recent, validate_policy(policy))
         self.token_score_gate = TokenScoreGate()
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):

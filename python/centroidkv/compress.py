@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .arguments import as_float, as_int
 from .ops import merge
 
 
@@ -14,6 +15,7 @@ def merge_passes(ratio: float, chunk_size: int) -> list[int]:
 
     Full passes (r = c/2) halve the kept fraction while that stays at or above the target; the
     last pass uses the r that lands nearest it. ratio 0.5 -> [c/2], 0.75 -> [c/2, c/2]."""
+    ratio, chunk_size = as_float("centroidkv", "ratio", ratio), as_int("centroidkv", "chunk_size", chunk_size)
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"centroidkv: ratio must be in [0, 1), got {ratio}")
     if chunk_size < 2 or chunk_size % 2:
@@ -44,8 +46,9 @@ def compress(keys: Tensor, values: Tensor, sizes: Optional[Tensor] = None, *, ra
     Returns:
         (keys, values, sizes) after the passes; sizes always a tensor.
     """
-    if sizes is None:
+    passes = merge_passes(ratio, chunk_size) or [0]  # a ratio too small for one merge: r = 0
+    if sizes is None:  # (that pass still checks the arguments and returns copies, never aliases)
         sizes = torch.ones(keys.shape[:3], dtype=torch.float32, device=keys.device)
-    for num_merge in merge_passes(ratio, chunk_size):
+    for num_merge in passes:
         keys, values, sizes = merge(keys, values, sizes, chunk_size, num_merge)
     return keys, values, sizes

@@ -70,14 +70,20 @@ def attention(
     Returns:
         [B, Hq, Tq, Dv] in q's dtype (softmax in float32).
     """
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    if scale is None:  # with D = 0 every logit is 0 whatever the scale
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     return torch.ops.centroidkv.attention(q, k, v, sizes, float(scale), lengths)
 
 
 def merged_length(length, chunk_size: int, num_merge: int):
     """Slots one merge pass leaves of `length` tokens (SPEC.md); also for symbolic lengths."""
     return (length // chunk_size) * (chunk_size - num_merge) + length % chunk_size
+
+
+# The fake kernels repeat the C++ argument checks (csrc/checks.cpp) on metadata only: they run
+# when torch.compile traces, and for real calls in which any input is a meta tensor (meta wins
+# dispatch, so a CPU call with one meta argument lands here, not in the CPU kernel).
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_chunking(chunk_size: int, num_merge: int) -> None:
@@ -87,21 +93,46 @@ def _check_chunking(chunk_size: int, num_merge: int) -> None:
                  lambda: f"centroidkv: num_merge must be in [0, {chunk_size // 2}], got {num_merge}")
 
 
+def _check_tensor(op: str, name: str, t: Tensor, layout: str, ref: Optional[Tensor] = None,
+                  ref_name: str = "", float_dtype: bool = True) -> None:
+    """Rank (len(layout's dims)), float dtype, and for `ref`: same device and leading dims."""
+    rank = layout.count(",") + 1
+    torch._check(t.dim() == rank, lambda: f"{op}: {name} must have {rank} dimensions {layout}, got shape "
+                                          f"{tuple(t.shape)}")
+    if float_dtype:
+        torch._check(t.dtype in _FLOATS, lambda: f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if ref is not None:
+        torch._check(t.device == ref.device, lambda: f"{op}: {name} is on {t.device} but {ref_name} is on "
+                                                     f"{ref.device}")
+        for d in range(3):
+            torch._check(t.shape[d] == ref.shape[d], lambda: f"{op}: {name} shape {tuple(t.shape)} does not "
+                                                             f"match {ref_name} shape {tuple(ref.shape)} in [B, H, L]")
+
+
+def _check_sizes(op: str, sizes: Optional[Tensor], ref: Tensor, ref_name: str) -> None:
+    if sizes is None:
+        return
+    _check_tensor(op, "sizes", sizes, "[B, H, L]", ref, ref_name, float_dtype=False)
+    torch._check(sizes.dtype == torch.float32, lambda: f"{op}: sizes must be float32, got {sizes.dtype}")
+
+
 @torch.library.register_fake("centroidkv::match")
 def _match_fake(metric, chunk_size, num_merge):
-    torch._check(metric.dim() == 4, lambda: "centroidkv.match: metric must be [B, H, L, D]")
+    _check_tensor("centroidkv.match", "metric", metric, "[B, H, L, D]")
     _check_chunking(chunk_size, num_merge)
     return metric.new_empty(metric.shape[:3], dtype=torch.int64)
 
 
 @torch.library.register_fake("centroidkv::merge")
 def _merge_fake(keys, values, sizes, chunk_size, num_merge, metric=None):
-    torch._check(keys.dim() == 4, lambda: "centroidkv.merge: keys must be [B, H, L, Dk]")
-    torch._check(values.dim() == 4, lambda: "centroidkv.merge: values must be [B, H, L, Dv]")
-    # Mixed devices would otherwise reach this kernel (meta wins dispatch) and trace silently.
-    for name, t in (("values", values), ("sizes", sizes), ("metric", metric)):
-        torch._check(t is None or t.device == keys.device,
-                     lambda: f"centroidkv.merge: {name} is on {t.device} but keys is on {keys.device}")
+    op = "centroidkv.merge"
+    _check_tensor(op, "keys", keys, "[B, H, L, Dk]")
+    _check_tensor(op, "values", values, "[B, H, L, Dv]", keys, "keys")
+    torch._check(values.dtype == keys.dtype,
+                 lambda: f"{op}: values dtype {values.dtype} differs from keys dtype {keys.dtype}")
+    _check_sizes(op, sizes, keys, "keys")
+    if metric is not None:
+        _check_tensor(op, "metric", metric, "[B, H, L, Dm]", keys, "keys")
     _check_chunking(chunk_size, num_merge)
     batch, heads, length = keys.shape[:3]
     out_len = merged_length(length, chunk_size, num_merge)
@@ -114,6 +145,28 @@ def _merge_fake(keys, values, sizes, chunk_size, num_merge, metric=None):
 
 @torch.library.register_fake("centroidkv::attention")
 def _attention_fake(q, k, v, sizes, scale, lengths=None):
-    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
-                 lambda: "centroidkv.attention: q, k, v must be 4-D")
+    op = "centroidkv.attention"
+    _check_tensor(op, "q", q, "[B, Hq, Tq, D]")
+    for name, t in (("k", k), ("v", v)):
+        _check_tensor(op, name, t, "[B, Hkv, L, D]" if name == "k" else "[B, Hkv, L, Dv]")
+        torch._check(t.dtype == q.dtype, lambda: f"{op}: q, k and v must share a dtype, got {q.dtype}, "
+                                                 f"{k.dtype}, {v.dtype}")
+        torch._check(t.device == q.device, lambda: f"{op}: {name} is on {t.device} but q is on {q.device}")
+    _check_tensor(op, "v", v, "[B, Hkv, L, Dv]", k, "k")
+    torch._check(k.shape[0] == q.shape[0], lambda: f"{op}: batch sizes differ: q {tuple(q.shape)}, k "
+                                                   f"{tuple(k.shape)}")
+    torch._check(k.shape[3] == q.shape[3],
+                 lambda: f"{op}: k head dim {k.shape[3]} differs from q head dim {q.shape[3]}")
+    torch._check(k.shape[1] > 0, lambda: f"{op}: k must have at least one KV head, got shape {tuple(k.shape)}")
+    torch._check(q.shape[1] % k.shape[1] == 0,
+                 lambda: f"{op}: query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    torch._check(math.isfinite(scale), lambda: f"{op}: scale must be a finite number, got {scale}")
+    _check_sizes(op, sizes, k, "k")
+    if lengths is not None:
+        torch._check(lengths.dim() == 1 and lengths.shape[0] == q.shape[0],
+                     lambda: f"{op}: lengths must have shape [B] = [{q.shape[0]}], got {tuple(lengths.shape)}")
+        torch._check(lengths.dtype in (torch.int64, torch.int32),
+                     lambda: f"{op}: lengths must be int64 or int32, got {lengths.dtype}")
+        torch._check(lengths.device == q.device,
+                     lambda: f"{op}: lengths is on {lengths.device} but q is on {q.device}")
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))

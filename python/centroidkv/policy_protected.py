@@ -23,6 +23,7 @@ from typing import ClassVar, Optional
 
 import torch
 
+from .arguments import as_float, as_int
 from .policies import Policy, Segment
 from .protected import absorb_evicted, protect_and_cluster
 
@@ -68,6 +69,12 @@ class ProtectedClustering(Policy):
         return self.info_share > 0
 
     def __post_init__(self):
+        owner = "ProtectedClustering"
+        for name in ("protect_fraction", "taper", "wide_share", "info_share"):
+            setattr(self, name, as_float(owner, name, getattr(self, name)))
+        self.pool = as_int(owner, "pool", self.pool)
+        if self.num_merge is not None:
+            self.num_merge = as_int(owner, "num_merge", self.num_merge)
         if not 0.0 <= self.protect_fraction <= 1.0:
             raise ValueError(f"ProtectedClustering: protect_fraction must be in [0, 1], got {self.protect_fraction}")
         if self.num_merge is not None and self.num_merge < 1:
@@ -121,6 +128,8 @@ class AbsorbIntoSurvivors(Policy):
     accumulate_scores: ClassVar[bool] = False
 
     def __post_init__(self):
+        self.protect_fraction = as_float("AbsorbIntoSurvivors", "protect_fraction", self.protect_fraction)
+        self.pool = as_int("AbsorbIntoSurvivors", "pool", self.pool)
         if not 0.0 <= self.protect_fraction < 1.0:
             raise ValueError(f"AbsorbIntoSurvivors: protect_fraction must be in [0, 1), got {self.protect_fraction}")
         if self.pool < 1 or self.pool % 2 == 0:
