@@ -46,8 +46,10 @@ def compress(keys: Tensor, values: Tensor, sizes: Optional[Tensor] = None, *, ra
     Returns:
         (keys, values, sizes) after the passes; sizes always a tensor.
     """
-    passes = merge_passes(ratio, chunk_size) or [0]  # a ratio too small for one merge: r = 0
-    if sizes is None:  # (that pass still checks the arguments and returns copies, never aliases)
+    # A ratio too small for one merge still runs one pass, with r = 0: it checks the arguments and
+    # returns copies, as every other ratio does.
+    passes = merge_passes(ratio, chunk_size) or [0]
+    if sizes is None:
         sizes = torch.ones(keys.shape[:3], dtype=torch.float32, device=keys.device)
     for num_merge in passes:
         keys, values, sizes = merge(keys, values, sizes, chunk_size, num_merge)
