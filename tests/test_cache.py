@@ -237,3 +237,28 @@ def test_plain_policy_block_sizes():
     assert policy.block_size(0.875, 32) == 128
     with pytest.raises(ValueError, match="metric"):
         PlainClustering(metric="values")
+
+
+@pytest.mark.parametrize("search", [dict(num_beams=3), dict(num_beams=3, num_return_sequences=2),
+                                    dict(do_sample=True, top_k=5, num_return_sequences=2)])
+def test_beam_search_and_several_sequences_reorder_the_cache(search):
+    model = tiny_model("llama", seed=3)
+    name = cache_argument(model)
+    torch.manual_seed(0)
+    short, long = torch.randint(1, VOCAB, (2, 40)), torch.randint(1, VOCAB, (2, 300))
+    options = dict(ratio=0.5, chunk_size=8)
+
+    def generate(prompt, **cache):
+        torch.manual_seed(1)
+        return model.generate(prompt, max_new_tokens=8, pad_token_id=0, **search, **cache)
+
+    # Nothing leaves the recent window: beams reordered in the cache must give stock's output.
+    assert torch.equal(generate(short, **{name: centroidkv.CentroidKVCache(**options, recent=64)}), generate(short))
+    if search.get("do_sample"):
+        return
+    # Clustered prompts: rows stay independent through the beams' reordering.
+    both = generate(long, **{name: centroidkv.CentroidKVCache(**options, recent=16)})
+    per_row = both.shape[0] // 2
+    for row in range(2):
+        alone = generate(long[row:row + 1], **{name: centroidkv.CentroidKVCache(**options, recent=16)})
+        assert torch.equal(both[row * per_row:(row + 1) * per_row], alone)
