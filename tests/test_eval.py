@@ -181,3 +181,18 @@ def test_default_method_is_the_products_default_policy():
     for name in ("protect_fraction", "num_merge", "pool", "info_share", "taper", "wide_share"):
         assert getattr(harness, name) == getattr(product, name), name
     assert harness == E.make_method("protected90_s30t25")  # the name its measurements carry
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ratios", "0.5,1.5"], "--ratios: 1.5"), (["--lengths", "0"], "--lengths: 0"),
+    (["--tasks", "passkey,bogus"], "--tasks: bogus"), (["--methods", "full,bogus"], "--methods: bogus"),
+    (["--settings", "later"], "--settings: later"), (["--samples", "0"], "--samples: 0"),
+    (["--prose-samples", "-1"], "--prose-samples: -1"), (["--model", "/nonexistent"], "--model: /nonexistent"),
+])
+def test_bad_arguments_are_one_line_before_any_work(args, message, tmp_path, capsys):
+    from centroidkv.eval.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--out", str(tmp_path / "run"), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -58,12 +58,50 @@ def _expand(methods: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+SETTINGS = ("question_in_prompt", "question_after")
+KNOWN_MODELS = ("smollm2", "gemma3", "random-llama")
+MIN_LENGTH = 128  # room for the sink, the observation window, a needle and the question
+
+
+def _check(p: argparse.ArgumentParser, args) -> None:
+    """One clear line (argparse's error, exit code 2) for arguments the run would trip over later."""
+    import torch
+
+    def bad(values, ok):
+        return [v for v in values if not ok(v)]
+
+    checks = [
+        ("--ratios", bad(args.ratios, lambda r: 0.0 <= r < 1.0), "each must be in [0, 1)"),
+        ("--lengths", bad(args.lengths, lambda n: n >= MIN_LENGTH), f"each must be >= {MIN_LENGTH} tokens"),
+        ("--tasks", bad(args.tasks, lambda t: t in TASKS or t == "prose"), f"known: {sorted(TASKS) + ['prose']}"),
+        ("--methods", bad(args.methods, lambda m: m in METHODS), "see --help for the known ones"),
+        ("--settings", bad(args.settings, lambda s: s in SETTINGS), f"known: {list(SETTINGS)}"),
+        ("--samples", bad([args.samples], lambda n: n >= 1), "must be >= 1"),
+        ("--prose-samples", bad([args.prose_samples], lambda n: n >= 1), "must be >= 1"),
+        ("--prose-continuation", bad([args.prose_continuation], lambda n: n >= 1), "must be >= 1"),
+        ("--threads", bad([args.threads], lambda n: n >= 1), "must be >= 1"),
+    ]
+    for option, wrong, why in checks:
+        if wrong:
+            p.error(f"{option}: {', '.join(map(str, wrong))}: {why}")
+    if args.model not in KNOWN_MODELS:
+        folder, _, gguf = args.model.partition(":")
+        if not Path(folder).is_dir() or (gguf and not (Path(folder) / gguf).is_file()):
+            p.error(f"--model: {args.model} is neither {', '.join(KNOWN_MODELS)} nor an existing folder "
+                    f"(or folder:file.gguf)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device: {args.device}, but torch {torch.__version__} sees no CUDA GPU")
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
-            if getattr(args, k) == parser().get_default(k):
+            if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
+    args.methods = _expand(args.methods)
+    _check(p, args)
     import torch
 
     from . import model as M
@@ -71,7 +109,7 @@ def main(argv=None) -> int:
     from .runner import Config, run
 
     torch.set_num_threads(args.threads)
-    cfg = Config(tasks=args.tasks, lengths=args.lengths, ratios=args.ratios, methods=_expand(args.methods),
+    cfg = Config(tasks=args.tasks, lengths=args.lengths, ratios=args.ratios, methods=args.methods,
                  samples=args.samples, seed=args.seed, settings=args.settings,
                  prose_samples=args.prose_samples, prose_continuation=args.prose_continuation, chat=args.chat)
     args.out.mkdir(parents=True, exist_ok=True)
