@@ -86,3 +86,24 @@ def test_smollm2_prose_kl_at_075():
     print(f"SmolLM2-135M, 1024-token prose, ratio 0.75: KL {kl:.4f}, slots {cache.live_slots(0)}")
     assert kl < 0.15
     assert cache.live_slots(0)[0] < 0.45 * (1024 + 64)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("stock_cache", ["dynamic", "static"])
+def test_stock_caches_work_with_centroidkv_attention(family, stock_cache):
+    # A model loaded with attn_implementation="centroidkv" but given transformers' own cache must
+    # give the stock result; a static cache holds slots it has not written yet.
+    ours, stock = tiny_model(family, seed=13), tiny_model(family, attn="sdpa", seed=13)
+    torch.manual_seed(13)
+    prompt = torch.randint(1, VOCAB, (2, 30))
+    mask = torch.ones_like(prompt)
+    mask[1, :6] = 0
+
+    def generate(model, **extra):
+        cache = (transformers.StaticCache(config=model.config, max_cache_len=64) if stock_cache == "static"
+                 else transformers.DynamicCache(config=model.config))
+        return model.generate(prompt[:1] if not extra else prompt, max_new_tokens=10, do_sample=False,
+                              pad_token_id=0, **{cache_argument(model): cache}, **extra)
+
+    assert torch.equal(generate(ours), generate(stock))
+    assert torch.equal(generate(ours, attention_mask=mask), generate(stock, attention_mask=mask))

@@ -105,6 +105,22 @@ def observation_scores(q: Tensor, k: Tensor, bias: Tensor, scale: float, window:
     return probs.sum(dim=(2, 3))
 
 
+def stock_cache_inputs(attention_mask: Optional[Tensor], position_ids: Optional[Tensor], batch: int,
+                       slots: int, device) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(sizes [B, 1, slots], lengths [B]) for a stock transformers cache, whose slots hold the last
+    tokens seen, in order. A static cache also holds slots it has not written yet, so the tokens
+    seen are counted: the padding mask's length, or without a mask the last position + 1 (no
+    padding: positions count tokens). Sliding-window layers keep fewer slots than tokens seen."""
+    if attention_mask is not None:
+        seen = min(attention_mask.shape[1], slots)
+        sizes = torch.zeros(batch, 1, slots, device=device)
+        sizes[:, 0, :seen] = attention_mask[:, -seen:].to(device).float()
+        return sizes, torch.full((batch,), seen, device=device)
+    if position_ids is not None and position_ids.dim() == 2:  # (not multimodal 3D positions)
+        return None, (position_ids[:, -1].to(device) + 1).clamp(max=slots).expand(batch)
+    return None, None  # every slot holds a token
+
+
 def centroidkv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                          attention_mask: Optional[Tensor], scaling: Optional[float] = None,
                          dropout: float = 0.0, sliding_window: Optional[int] = None,
@@ -126,8 +142,9 @@ def centroidkv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
             layer.mark_padding(attention_mask[:, -queries:])
         sizes, lengths, heads_alike = layer.attention_inputs()
     else:  # no CentroidKVCache (a stock cache or none): every key is an original token
-        sizes = None if attention_mask is None else attention_mask[:, None, -key.shape[2]:].float()
-        lengths, heads_alike = None, True
+        sizes, lengths = stock_cache_inputs(attention_mask, kwargs.get("position_ids"), batch, key.shape[2],
+                                            key.device)
+        heads_alike = True
 
     use_op = (sliding_window is None and softcap is None and queries <= OP_MAX_QUERIES
               and sizes is not None and backend.attention_op_available(query.device))
