@@ -262,3 +262,15 @@ def test_beam_search_and_several_sequences_reorder_the_cache(search):
     for row in range(2):
         alone = generate(long[row:row + 1], **{name: centroidkv.CentroidKVCache(**options, recent=16)})
         assert torch.equal(both[row * per_row:(row + 1) * per_row], alone)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_other_attention_implementations_are_refused_not_approximated(attn):
+    model = tiny_model("llama", attn=attn, seed=2)
+    cache = centroidkv.CentroidKVCache(ratio=0.5, chunk_size=8, recent=16)
+    with pytest.raises(ValueError, match="attn_implementation='centroidkv'"):
+        centroidkv.prefill(model, torch.randint(1, VOCAB, (1, 100)), cache)
+    # generate: the first forward is exact (nothing clustered yet); the next one would not be.
+    with pytest.raises(RuntimeError, match="attn_implementation='centroidkv'"):
+        model.generate(torch.randint(1, VOCAB, (1, 100)), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                       **{cache_argument(model): cache})

@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -136,7 +135,6 @@ class CentroidKVLayer(CacheLayerMixin):
         self._fresh = 0  # tokens appended by the last update
         self._dirty = False  # appended but not yet settled
         self._has_padding = False
-        self._warned = False
         self._clustered_any = False  # until then every head has the same sizes (0/1 by padding)
         self._awaiting_info = False  # a multi-token call waits for its token scores to cluster
 
@@ -216,11 +214,12 @@ class CentroidKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         elif self._dirty:
-            # The attention did not settle the previous step: not the "centroidkv" implementation.
-            if self.options.clusters and not self._warned:
-                warnings.warn("CentroidKVCache: load the model with attn_implementation='centroidkv'; "
-                              "other attention implementations ignore the cluster sizes.")
-                self._warned = True
+            # The attention did not settle the previous step: not the "centroidkv" implementation,
+            # which alone reads the cluster sizes (another one would silently attend to centroids
+            # as if each were one token).
+            if self.options.clusters:
+                raise RuntimeError("CentroidKVCache: load the model with attn_implementation='centroidkv'; "
+                                   "other attention implementations ignore the cluster sizes")
             self.settle()
         batch, _, new, _ = key_states.shape
         if batch != self.keys.shape[0]:

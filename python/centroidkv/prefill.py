@@ -31,6 +31,9 @@ def prefill(model, input_ids: Tensor, cache: CentroidKVCache, attention_mask: Op
     extends input_ids by at least one token (generate needs one token it has not seen)."""
     if not isinstance(cache, CentroidKVCache):
         raise TypeError(f"centroidkv.prefill: cache must be a CentroidKVCache, got {type(cache).__name__}")
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn != "centroidkv":
+        raise ValueError(f"centroidkv.prefill: load the model with attn_implementation='centroidkv' (it has {attn!r})")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"centroidkv.prefill: input_ids must be [batch, tokens] with tokens > 0, "
                          f"got {list(input_ids.shape)}")
