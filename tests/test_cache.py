@@ -274,3 +274,21 @@ def test_other_attention_implementations_are_refused_not_approximated(attn):
     with pytest.raises(RuntimeError, match="attn_implementation='centroidkv'"):
         model.generate(torch.randint(1, VOCAB, (1, 100)), max_new_tokens=3, do_sample=False, pad_token_id=0,
                        **{cache_argument(model): cache})
+
+
+def test_reset_forgets_everything_a_model_left_and_another_model_is_refused():
+    gemma, llama = tiny_model("gemma3", seed=6), tiny_model("llama", seed=6)
+    prompt = torch.randint(1, VOCAB, (1, 120))
+    cache = centroidkv.CentroidKVCache(ratio=0.0)
+    with torch.no_grad():
+        gemma(prompt, use_cache=True, **{cache_argument(gemma): cache})
+        assert cache.layers[0].sliding_window is not None
+        half = tiny_model("llama", seed=6).half()
+        with pytest.raises(ValueError, match="one cache per model and dtype"):
+            half(prompt, use_cache=True, **{cache_argument(half): cache})
+        cache.reset()
+        ours = llama(prompt, use_cache=True, **{cache_argument(llama): cache}).logits
+    assert all(layer.sliding_window is None for layer in cache.layers)
+    assert max(cache.live_slots(0)) == 120  # no window left over from Gemma's sliding layer
+    stock = tiny_model("llama", attn="sdpa", seed=6)(prompt).logits
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)

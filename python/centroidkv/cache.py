@@ -112,11 +112,11 @@ class CentroidKVLayer(CacheLayerMixin):
         super().__init__()
         self.options = options
         self.gate = gate if gate is not None else TokenScoreGate()
-        self.is_sliding = False
-        self.sliding_window: Optional[int] = None
         self._clear()
 
     def _clear(self):
+        self.is_sliding = False
+        self.sliding_window: Optional[int] = None  # set by the attention of a sliding-window layer
         self.keys = self.values = self.sizes = self.scores = self.info = None
         self.is_initialized = False
         self.seen = 0  # token columns seen: the uncompressed length
@@ -224,6 +224,11 @@ class CentroidKVLayer(CacheLayerMixin):
         batch, _, new, _ = key_states.shape
         if batch != self.keys.shape[0]:
             raise ValueError(f"CentroidKVCache: batch size {batch} differs from the cache's {self.keys.shape[0]}")
+        held = (self.keys.shape[1], self.keys.shape[3], self.values.shape[3], self.dtype)
+        got = (key_states.shape[1], key_states.shape[3], value_states.shape[3], key_states.dtype)
+        if got != held:  # another model, or a dtype change, on a cache that holds tokens
+            raise ValueError(f"CentroidKVCache: this layer holds (KV heads, key dim, value dim, dtype) = {held}, "
+                             f"got {got}; use one cache per model and dtype (reset() empties it)")
         used = self._max_len
         if used + new > self.capacity:
             self._resize(max(_round_up(used + new + self.options.block), _round_up(self.capacity * 5 // 4)))
