@@ -93,26 +93,32 @@ def _check_chunking(chunk_size: int, num_merge: int) -> None:
                  lambda: f"centroidkv: num_merge must be in [0, {chunk_size // 2}], got {num_merge}")
 
 
-def _check_tensor(op: str, name: str, t: Tensor, layout: str, ref: Optional[Tensor] = None,
-                  ref_name: str = "", float_dtype: bool = True) -> None:
-    """Rank (len(layout's dims)), float dtype, and for `ref`: same device and leading dims."""
+def _check_tensor(op: str, name: str, t: Tensor, layout: str, float_dtype: bool = True) -> None:
+    """Rank (the number of dims in `layout`) and, with float_dtype, a float dtype the kernels take."""
     rank = layout.count(",") + 1
     torch._check(t.dim() == rank, lambda: f"{op}: {name} must have {rank} dimensions {layout}, got shape "
                                           f"{tuple(t.shape)}")
     if float_dtype:
         torch._check(t.dtype in _FLOATS, lambda: f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if ref is not None:
-        torch._check(t.device == ref.device, lambda: f"{op}: {name} is on {t.device} but {ref_name} is on "
-                                                     f"{ref.device}")
-        for d in range(3):
-            torch._check(t.shape[d] == ref.shape[d], lambda: f"{op}: {name} shape {tuple(t.shape)} does not "
-                                                             f"match {ref_name} shape {tuple(ref.shape)} in [B, H, L]")
+
+
+def _check_device(op: str, name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
+    torch._check(t.device == ref.device, lambda: f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_like(op: str, name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
+    """`t` on `ref`'s device with its leading [B, H, L]."""
+    _check_device(op, name, t, ref, ref_name)
+    for d in range(3):
+        torch._check(t.shape[d] == ref.shape[d], lambda: f"{op}: {name} shape {tuple(t.shape)} does not "
+                                                         f"match {ref_name} shape {tuple(ref.shape)} in [B, H, L]")
 
 
 def _check_sizes(op: str, sizes: Optional[Tensor], ref: Tensor, ref_name: str) -> None:
     if sizes is None:
         return
-    _check_tensor(op, "sizes", sizes, "[B, H, L]", ref, ref_name, float_dtype=False)
+    _check_tensor(op, "sizes", sizes, "[B, H, L]", float_dtype=False)
+    _check_like(op, "sizes", sizes, ref, ref_name)
     torch._check(sizes.dtype == torch.float32, lambda: f"{op}: sizes must be float32, got {sizes.dtype}")
 
 
@@ -127,12 +133,14 @@ def _match_fake(metric, chunk_size, num_merge):
 def _merge_fake(keys, values, sizes, chunk_size, num_merge, metric=None):
     op = "centroidkv.merge"
     _check_tensor(op, "keys", keys, "[B, H, L, Dk]")
-    _check_tensor(op, "values", values, "[B, H, L, Dv]", keys, "keys")
+    _check_tensor(op, "values", values, "[B, H, L, Dv]")
+    _check_like(op, "values", values, keys, "keys")
     torch._check(values.dtype == keys.dtype,
                  lambda: f"{op}: values dtype {values.dtype} differs from keys dtype {keys.dtype}")
     _check_sizes(op, sizes, keys, "keys")
     if metric is not None:
-        _check_tensor(op, "metric", metric, "[B, H, L, Dm]", keys, "keys")
+        _check_tensor(op, "metric", metric, "[B, H, L, Dm]")
+        _check_like(op, "metric", metric, keys, "keys")
     _check_chunking(chunk_size, num_merge)
     batch, heads, length = keys.shape[:3]
     out_len = merged_length(length, chunk_size, num_merge)
@@ -147,12 +155,12 @@ def _merge_fake(keys, values, sizes, chunk_size, num_merge, metric=None):
 def _attention_fake(q, k, v, sizes, scale, lengths=None):
     op = "centroidkv.attention"
     _check_tensor(op, "q", q, "[B, Hq, Tq, D]")
-    for name, t in (("k", k), ("v", v)):
-        _check_tensor(op, name, t, "[B, Hkv, L, D]" if name == "k" else "[B, Hkv, L, Dv]")
+    for name, t, layout in (("k", k, "[B, Hkv, L, D]"), ("v", v, "[B, Hkv, L, Dv]")):
+        _check_tensor(op, name, t, layout)
         torch._check(t.dtype == q.dtype, lambda: f"{op}: q, k and v must share a dtype, got {q.dtype}, "
                                                  f"{k.dtype}, {v.dtype}")
-        torch._check(t.device == q.device, lambda: f"{op}: {name} is on {t.device} but q is on {q.device}")
-    _check_tensor(op, "v", v, "[B, Hkv, L, Dv]", k, "k")
+        _check_device(op, name, t, q, "q")
+    _check_like(op, "v", v, k, "k")
     torch._check(k.shape[0] == q.shape[0], lambda: f"{op}: batch sizes differ: q {tuple(q.shape)}, k "
                                                    f"{tuple(k.shape)}")
     torch._check(k.shape[3] == q.shape[3],
@@ -167,6 +175,5 @@ def _attention_fake(q, k, v, sizes, scale, lengths=None):
                      lambda: f"{op}: lengths must have shape [B] = [{q.shape[0]}], got {tuple(lengths.shape)}")
         torch._check(lengths.dtype in (torch.int64, torch.int32),
                      lambda: f"{op}: lengths must be int64 or int32, got {lengths.dtype}")
-        torch._check(lengths.device == q.device,
-                     lambda: f"{op}: lengths is on {lengths.device} but q is on {q.device}")
+        _check_device(op, "lengths", lengths, q, "q")
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))

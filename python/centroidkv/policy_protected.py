@@ -71,22 +71,17 @@ class ProtectedClustering(Policy):
     def __post_init__(self):
         owner = "ProtectedClustering"
         for name in ("protect_fraction", "taper", "wide_share", "info_share"):
-            setattr(self, name, as_float(owner, name, getattr(self, name)))
+            value = as_float(owner, name, getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{owner}: {name} must be in [0, 1], got {value}")
+            setattr(self, name, value)
         self.pool = as_int(owner, "pool", self.pool)
         if self.num_merge is not None:
             self.num_merge = as_int(owner, "num_merge", self.num_merge)
-        if not 0.0 <= self.protect_fraction <= 1.0:
-            raise ValueError(f"ProtectedClustering: protect_fraction must be in [0, 1], got {self.protect_fraction}")
         if self.num_merge is not None and self.num_merge < 1:
-            raise ValueError(f"ProtectedClustering: num_merge must be >= 1 or None, got {self.num_merge}")
+            raise ValueError(f"{owner}: num_merge must be >= 1 or None, got {self.num_merge}")
         if self.pool < 1 or self.pool % 2 == 0:
-            raise ValueError(f"ProtectedClustering: pool must be odd >= 1, got {self.pool}")
-        if not 0.0 <= self.wide_share <= 1.0:
-            raise ValueError(f"ProtectedClustering: wide_share must be in [0, 1], got {self.wide_share}")
-        if not 0.0 <= self.taper <= 1.0:
-            raise ValueError(f"ProtectedClustering: taper must be in [0, 1], got {self.taper}")
-        if not 0.0 <= self.info_share <= 1.0:
-            raise ValueError(f"ProtectedClustering: info_share must be in [0, 1], got {self.info_share}")
+            raise ValueError(f"{owner}: pool must be odd >= 1, got {self.pool}")
 
     def _run(self, segment: Segment, budget: int, chunk_size: int) -> Segment:
         num_merge = None if self.num_merge is None else min(self.num_merge, chunk_size // 2)
