@@ -154,3 +154,18 @@ def test_eval_cache_e2e_smoke(tmp_path):
     assert {(r["setting"], r["config"]) for r in payload["rows"]} == {
         (s, c) for s in ("question_in_prompt", "question_after") for c in ("full", "surprisal50")}
     assert all(0.0 <= r["score"] <= 1.0 and isinstance(r["generated"], str) for r in payload["rows"])
+
+
+def test_cache_limits_script_reports_the_counts_the_readme_quotes(tmp_path):
+    out = tmp_path / "cache_limits.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(BENCH / "cache_limits.py"), "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["block_tokens"] == {"0.5": 32, "0.75": 64, "0.9": 256, "0.99": 2048}
+    kept = result["slots_after_2000_token_prompt"]
+    assert kept["0.99"] == 2000 and kept["0.9"] < kept["0.75"] < 2000  # 0.99's block outgrows the prompt
+    budget = result["budget_100"]
+    assert budget["end_slots"] <= budget["peak_slots"] and budget["peak_slots"] > 100  # not a hard cap
