@@ -7,6 +7,7 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (required where no GPU is visible)
 """
 import glob
+import importlib.util
 import os
 import shutil
 
@@ -46,11 +47,30 @@ def torch_has_cuda():
     return torch.version.cuda is not None
 
 
-# Resolve C++ runtime symbols from the shared libstdc++ that torch itself uses. A toolchain that
-# links parts of libstdc++ statically (seen on one GPU image) otherwise puts a second copy of the
-# stream code into the extension, whose locale facets do not match the process's, and formatting
-# an integer into an error message crashes.
-LINK_ARGS = ["-fopenmp", "-Wl,-Bdynamic", "-lstdc++"]
+def load_libstdcxx_helper():
+    """python/centroidkv/_libstdcxx.py, loaded by path (the package itself needs the kernels)."""
+    path = os.path.join(ROOT, "python", "centroidkv", "_libstdcxx.py")
+    spec = importlib.util.spec_from_file_location("centroidkv_libstdcxx", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LIBSTDCXX = load_libstdcxx_helper()
+# libstdc++ from the shared library torch uses, whatever the toolchain links by default (see
+# _libstdcxx.py: a static copy crashes error messages).
+LINK_ARGS = ["-fopenmp"] + LIBSTDCXX.link_args()
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's build_ext, then a check that the result carries no copy of libstdc++'s streams."""
+
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        try:
+            LIBSTDCXX.check_extension(self.get_ext_fullpath(ext.name))
+        except LIBSTDCXX.LinkError as error:
+            raise RuntimeError(f"centroidkv build: {error}") from None
 
 
 def extension():
@@ -81,6 +101,6 @@ setup(
     packages=find_packages("python"),
     package_dir={"": "python"},
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

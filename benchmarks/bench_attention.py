@@ -4,7 +4,6 @@ For each (batch B, context L), with Hq=32, Hkv=8, D=128, Tq=1 (a Llama-3-8B laye
   sdpa_full   torch SDPA over the full cache of L tokens (enable_gqa=True: no repeated KV heads)
   sdpa_bias   torch SDPA over a 4x smaller clustered cache (L/4) with a float bias log(size)
   centroidkv  centroidkv.attention over the same L/4 cache with its sizes (default kernel)
-  centroidkv_v1 / centroidkv_v2   the same with CENTROIDKV_ATTENTION_KERNEL=v1 / v2 (CUDA only)
 Times are medians of many runs (CUDA events with the launch queue filled ahead, so host overhead
 is not counted; wall clock on CPU), rotating over several input sets where one set fits in L2.
 GB/s counts the bytes each implementation must read (K, V and sizes or bias; q and the output
@@ -18,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import time
 
@@ -88,22 +86,6 @@ def make_case(device, dtype, batch, length, seed):
     return dict(q=q, k_full=k_full, v_full=v_full, k=k, v=v, sizes=sizes, bias=bias)
 
 
-KERNEL_VERSIONS = ["v1", "v2"]  # CENTROIDKV_ATTENTION_KERNEL values of the CUDA kernel
-
-
-def with_kernel_version(version: str, fn):
-    """fn() with CENTROIDKV_ATTENTION_KERNEL=version (read by the op on every call)."""
-    saved = os.environ.get("CENTROIDKV_ATTENTION_KERNEL")
-    os.environ["CENTROIDKV_ATTENTION_KERNEL"] = version
-    try:
-        return fn()
-    finally:
-        if saved is None:
-            del os.environ["CENTROIDKV_ATTENTION_KERNEL"]
-        else:
-            os.environ["CENTROIDKV_ATTENTION_KERNEL"] = saved
-
-
 def nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -160,17 +142,9 @@ def main() -> None:
                                                        scale=scale),
                         nbytes(first["k"], first["v"], first["sizes"])),
                 }
-                if on_gpu:  # both CUDA key loops, side by side (the plain row is the default)
-                    for version in KERNEL_VERSIONS:
-                        impls[f"centroidkv_{version}"] = (
-                            lambda c, ver=version: with_kernel_version(
-                                ver, lambda: centroidkv.attention(c["q"], c["k"], c["v"],
-                                                                  c["sizes"], scale=scale)),
-                            impls["centroidkv"][1])
                 # Same math, two implementations: a gross kernel error shows up here.
-                diff = max((impls[name][0](first).float()
-                            - impls["sdpa_bias"][0](first).float()).abs().max().item()
-                           for name in impls if name.startswith("centroidkv"))
+                diff = (impls["centroidkv"][0](first).float()
+                        - impls["sdpa_bias"][0](first).float()).abs().max().item()
                 times = {name: timer(device, lambda i, f=fn: f(cases[i % sets]), repeat)
                          for name, (fn, _) in impls.items()}
                 for name, (_, moved) in impls.items():

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call: build in place, CUDA tests, the kernel benchmarks
-# (merge, attention), the end-to-end decode/serving/prefill benchmark, and compute-sanitizer.
+# (merge, attention), the end-to-end decode/serving/prefill benchmark, and compute-sanitizer
+# (memcheck and racecheck).
 # Stages run in that order, each time-boxed; logs and JSON are packed into
 # $OUT/gpu_results.tar.gz after every stage (so a run cut short still returns what it did), and
 # a short summary is printed last.
@@ -11,7 +12,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 LOGS=$(mktemp -d)
-STAGES=${STAGES:-"build repro tests bench_merge bench_attention e2e memcheck"}
+STAGES=${STAGES:-"build tests bench_merge bench_attention e2e memcheck racecheck"}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CENTROIDKV_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/python
 PY=${PYTHON:-python3}
@@ -30,26 +31,15 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 if want build; then
   step build; start=$SECONDS
   $PY setup.py build_ext --inplace > "$LOGS/build.log" 2>&1 || { tail -40 "$LOGS/build.log"; pack; exit 1; }
-  summary+=("build: $((SECONDS - start)) s"); pack
-fi
-
-if want repro; then
-  step repro_num_merge  # a host crash seen once on torch 2.11; native backtrace if it recurs
-  timeout 60 $PY benchmarks/repro_num_merge.py > "$LOGS/repro_num_merge.txt" 2>&1
-  rc=$?; tail -3 "$LOGS/repro_num_merge.txt"; summary+=("repro_num_merge: rc=$rc")
-  if [ $rc != 0 ]; then
-    DBG=$(command -v cuda-gdb || echo /usr/local/cuda/bin/cuda-gdb)
-    timeout 90 "$DBG" -batch -ex run -ex bt --args $PY benchmarks/repro_num_merge.py \
-      > "$LOGS/repro_backtrace.txt" 2>&1
-    grep -E "^#[0-9]+" "$LOGS/repro_backtrace.txt" | head -25
-  fi
-  pack
+  # libstdc++ must be a NEEDED shared library, never a static copy (the build checks it too).
+  libstdcxx=$(readelf -d python/centroidkv/_C*.so | grep -o 'libstdc++[^]]*' || echo "NOT NEEDED")
+  summary+=("build: $((SECONDS - start)) s; libstdc++: $libstdcxx"); pack
 fi
 
 if want tests; then
   step tests
   # xdist: a crash in one test takes down one worker, not the whole run.
-  timeout "${TEST_TIMEOUT:-120}" $PY -m pytest -q -ra -n 12 -p no:cacheprovider \
+  timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -ra -n 14 -p no:cacheprovider \
     tests/test_cuda_merge.py tests/test_attention.py tests/test_merge.py tests/test_match.py \
     tests/test_opcheck.py tests/test_bad_input.py -k cuda > "$LOGS/tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)" "$LOGS/tests.txt" | head -20; tail -2 "$LOGS/tests.txt"
@@ -77,14 +67,17 @@ if want e2e; then
   summary+=("e2e: rc=$?"); tail -45 "$LOGS/e2e.txt"; pack
 fi
 
-if want memcheck; then
-  step memcheck
+# compute-sanitizer over every kernel path of match, merge and attention (benchmarks/cuda_sanitize.py).
+sanitize() {  # tool, timeout
+  step "$1"
   SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_TIMEOUT:-45}" "$SANITIZER" --tool memcheck \
-    --error-exitcode 9 $PY benchmarks/cuda_sanitize.py > "$LOGS/memcheck.txt" 2>&1
-  rc=$?; tail -3 "$LOGS/memcheck.txt"
-  summary+=("memcheck: rc=$rc $(grep -m1 'ERROR SUMMARY' "$LOGS/memcheck.txt")"); pack
-fi
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$2" "$SANITIZER" --tool "$1" \
+    --error-exitcode 9 $PY benchmarks/cuda_sanitize.py > "$LOGS/$1.txt" 2>&1
+  rc=$?; tail -3 "$LOGS/$1.txt"
+  summary+=("$1: rc=$rc $(grep -m1 'ERROR SUMMARY\|RACECHECK SUMMARY' "$LOGS/$1.txt")"); pack
+}
+want memcheck && sanitize memcheck "${SANITIZE_TIMEOUT:-60}"
+want racecheck && sanitize racecheck "${RACECHECK_TIMEOUT:-120}"
 
 echo "== summary"
 printf '%s\n' "${summary[@]}"

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from centroidkv import _libstdcxx
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 CMAKE = shutil.which("cmake", path=os.path.dirname(sys.executable)) or shutil.which("cmake")
@@ -21,7 +23,7 @@ def cmake_build(tmp_path_factory):
     build = tmp_path_factory.mktemp("cmake_build")
     prefix = torch.utils.cmake_prefix_path
     subprocess.run([CMAKE, "-S", ROOT, "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}",
-                    "-DCMAKE_BUILD_TYPE=Release", "-G", "Ninja"],
+                    "-DCMAKE_BUILD_TYPE=Release", f"-DPython3_EXECUTABLE={sys.executable}", "-G", "Ninja"],
                    check=True, capture_output=True, text=True)
     result = subprocess.run([CMAKE, "--build", str(build), "-j", "2"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -36,6 +38,11 @@ def test_library_loads_and_matches_reference(cmake_build):
         capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "library ok" in result.stdout
+
+
+def test_library_links_the_shared_libstdcxx(cmake_build):
+    needed, _ = _libstdcxx.read_elf(str(cmake_build / "libcentroidkv_ops.so"))
+    assert "libstdc++.so.6" in needed
 
 
 def test_cpp_example_runs(cmake_build):

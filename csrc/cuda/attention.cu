@@ -13,13 +13,12 @@
 // output; otherwise it writes (normalised partial output, log-sum-exp) to a float32 workspace and
 // a second kernel merges the chunks by log-sum-exp.
 //
-// Two versions of the key loop, chosen on the host per call by CENTROIDKV_ATTENTION_KERNEL:
-//   v2 (default): each thread streams its own 16-byte pieces of K, V (and the sizes) through a
-//       private ring of `Stages` steps in shared memory with cp.async, so the loads of the next
-//       Stages - 1 steps are in flight while a step is computed (enough bytes in flight to reach
-//       HBM bandwidth). A thread reads back only what it copied itself, so the loop needs no
-//       barrier; cp.async.wait_group alone orders the copies before the reads.
-//   v1: the loads of one step are issued, then computed (no overlap), as first written.
+// The key loop: each thread streams its own 16-byte pieces of K, V (and the sizes) through a
+// private ring of `Stages` steps in shared memory with cp.async, so the loads of the next
+// Stages - 1 steps are in flight while a step is computed (enough bytes in flight to reach HBM
+// bandwidth). A thread reads back only what it copied itself, so the loop needs no barrier;
+// cp.async.wait_group alone orders the copies before the reads. (A first version that loaded
+// each step directly, with no overlap, was slower and has been removed.)
 //
 // Logits are kept in base 2: q is pre-multiplied by scale * log2(e) and the bias is log2(size),
 // so exp2 replaces exp with the same softmax.
@@ -39,8 +38,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
 #include "../checks.h"
@@ -98,15 +95,6 @@ struct Vec16<c10::Half> {
     }
   }
 };
-
-// K and V are read exactly once: skip L1 and ask L2 to fetch 256-byte lines ahead.
-__device__ __forceinline__ int4 load_streaming(const void* ptr) {
-  int4 r;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.s32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(ptr));
-  return r;
-}
 
 // Asynchronous copies into shared memory (sm_80+). src_bytes = 0 copies nothing (zero fill).
 __device__ __forceinline__ void copy_async_16(void* smem, const void* gmem, bool valid) {
@@ -182,7 +170,7 @@ struct Ring {
 template <int D, int QT, int Groups>
 constexpr int merge_floats() { return Groups * QT * (D + 2); }
 
-// Stages == 0: v1 (direct loads); Stages >= 2: v2 (cp.async ring of Stages steps).
+// Stages: steps of the cp.async ring.
 template <typename T, int D, int QT, int U, int Stages>
 __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<QT>())
 attention_split_kernel(const Params p) {
@@ -194,18 +182,12 @@ attention_split_kernel(const Params p) {
   constexpr int kKeysPerStep = kGroups * U;
   static_assert(D % (kLanes * kVec) == 0, "head dim must be a multiple of 16 bytes per lane");
   static_assert(32 % kLanes == 0, "a row's lanes must sit inside one warp");
-  static_assert(Stages == 0 || Stages >= 2, "a pipeline needs at least two stages");
+  static_assert(Stages >= 2, "a pipeline needs at least two stages");
   using RingT = Ring<T, D, U, Stages>;
 
-  // v2 reuses its ring for the merge (after a barrier), so a block needs no static buffer.
+  // The merge reuses the ring (after a barrier), so a block needs no static buffer.
   extern __shared__ int4 dynamic_smem[];
-  float* merge;
-  if constexpr (Stages == 0) {
-    __shared__ float static_merge[merge_floats<D, QT, kGroups>()];
-    merge = static_merge;
-  } else {
-    merge = reinterpret_cast<float*>(dynamic_smem);
-  }
+  float* merge = reinterpret_cast<float*>(dynamic_smem);
   float* group_max = merge;                      // [kGroups][QT]
   float* group_sum = merge + kGroups * QT;       // [kGroups][QT]
   float* group_acc = merge + 2 * kGroups * QT;   // [kGroups][QT][D]
@@ -235,41 +217,37 @@ attention_split_kernel(const Params p) {
                        (b * p.v_sb + h * p.v_sh + lane * kVec) * (int64_t)sizeof(T);
   const float* size_head = p.sizes ? p.sizes + b * p.s_sb + h * p.s_sh : nullptr;
 
-  // v2: copy this thread's pieces of the step starting at key `first` into ring slot `slot`.
+  // Copies this thread's pieces of the step starting at key `first` into ring slot `slot`.
   // Keys past k_end are zero-filled (V must hold no NaN for a zero weight); the source address
   // of a zero fill is a valid row anyway.
-  [[maybe_unused]] auto issue = [&](int slot, int first) {
-    if constexpr (Stages > 0) {
-      if (first >= k_end) return;
-      int4* ring_k = dynamic_smem;
-      int4* ring_v = dynamic_smem + RingT::kVecs;
-      float* ring_s = reinterpret_cast<float*>(dynamic_smem + 2 * RingT::kVecs);
+  auto issue = [&](int slot, int first) {
+    if (first >= k_end) return;
+    int4* ring_k = dynamic_smem;
+    int4* ring_v = dynamic_smem + RingT::kVecs;
+    float* ring_s = reinterpret_cast<float*>(dynamic_smem + 2 * RingT::kVecs);
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int j = first + u * kGroups + grp;
-        const bool valid = j < k_end;
-        const int row = valid ? j : k_begin;
-        const char* krow = k_head + row * p.k_sl * (int64_t)sizeof(T);
-        const char* vrow = v_head + row * p.v_sl * (int64_t)sizeof(T);
+    for (int u = 0; u < U; ++u) {
+      const int j = first + u * kGroups + grp;
+      const bool valid = j < k_end;
+      const int row = valid ? j : k_begin;
+      const char* krow = k_head + row * p.k_sl * (int64_t)sizeof(T);
+      const char* vrow = v_head + row * p.v_sl * (int64_t)sizeof(T);
 #pragma unroll
-        for (int n = 0; n < kVecsPerLane; ++n) {
-          copy_async_16(ring_k + RingT::vec_index(slot, u, n), krow + n * kLanes * 16, valid);
-          copy_async_16(ring_v + RingT::vec_index(slot, u, n), vrow + n * kLanes * 16, valid);
-        }
-        if (size_head) {
-          copy_async_4(ring_s + RingT::size_index(slot, u), size_head + row * p.s_sl, valid);
-        }
+      for (int n = 0; n < kVecsPerLane; ++n) {
+        copy_async_16(ring_k + RingT::vec_index(slot, u, n), krow + n * kLanes * 16, valid);
+        copy_async_16(ring_v + RingT::vec_index(slot, u, n), vrow + n * kLanes * 16, valid);
+      }
+      if (size_head) {
+        copy_async_4(ring_s + RingT::size_index(slot, u), size_head + row * p.s_sl, valid);
       }
     }
   };
   // Prologue: the first Stages steps in flight before the q rows are even read. One commit
   // per step, empty or not, so that wait_group counts steps.
-  if constexpr (Stages > 0) {
 #pragma unroll
-    for (int s = 0; s < Stages; ++s) {
-      issue(s, k_begin + s * kKeysPerStep);
-      copy_async_commit();
-    }
+  for (int s = 0; s < Stages; ++s) {
+    issue(s, k_begin + s * kKeysPerStep);
+    copy_async_commit();
   }
 
   float qv[QT][kElemsPerLane];
@@ -300,61 +278,35 @@ attention_split_kernel(const Params p) {
 
   // The loop bound is uniform over the block, so every lane of a warp takes part in the
   // shuffles; keys past k_end are masked instead of skipped.
-  int slot = 0;  // v2: ring slot of this step
+  int slot = 0;  // ring slot of this step
   for (int step = k_begin; step < k_end; step += kKeysPerStep) {
     int4 kraw[U][kVecsPerLane], vraw[U][kVecsPerLane];
     float bias[U];  // log2(size), -inf for a masked or absent key
-    if constexpr (Stages == 0) {
+    // Steps issued so far: Stages + (steps done); leaving Stages - 1 pending means this one
+    // has landed.
+    copy_async_wait<Stages - 1>();
+    const int4* ring_k = dynamic_smem;
+    const int4* ring_v = dynamic_smem + RingT::kVecs;
+    const float* ring_s = reinterpret_cast<const float*>(dynamic_smem + 2 * RingT::kVecs);
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int j = step + u * kGroups + grp;
-        if (j < k_end) {
-          const char* krow = k_head + j * p.k_sl * (int64_t)sizeof(T);
-          const char* vrow = v_head + j * p.v_sl * (int64_t)sizeof(T);
+    for (int u = 0; u < U; ++u) {
+      const int j = step + u * kGroups + grp;
 #pragma unroll
-          for (int n = 0; n < kVecsPerLane; ++n) {
-            kraw[u][n] = load_streaming(krow + n * kLanes * 16);
-            vraw[u][n] = load_streaming(vrow + n * kLanes * 16);
-          }
-          if (size_head) {
-            const float s = size_head[j * p.s_sl];
-            bias[u] = s > 0.f ? log2f(s) : -INFINITY;  // `> 0` is false for 0 and NaN
-          } else {
-            bias[u] = 0.f;
-          }
-        } else {
-#pragma unroll
-          for (int n = 0; n < kVecsPerLane; ++n) kraw[u][n] = vraw[u][n] = make_int4(0, 0, 0, 0);
-          bias[u] = -INFINITY;
-        }
+      for (int n = 0; n < kVecsPerLane; ++n) {
+        kraw[u][n] = ring_k[RingT::vec_index(slot, u, n)];  // zeros past k_end
+        vraw[u][n] = ring_v[RingT::vec_index(slot, u, n)];
       }
-    } else {
-      // Steps issued so far: Stages + (steps done); leaving Stages - 1 pending means this one
-      // has landed.
-      copy_async_wait<Stages - 1>();
-      const int4* ring_k = dynamic_smem;
-      const int4* ring_v = dynamic_smem + RingT::kVecs;
-      const float* ring_s = reinterpret_cast<const float*>(dynamic_smem + 2 * RingT::kVecs);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int j = step + u * kGroups + grp;
-#pragma unroll
-        for (int n = 0; n < kVecsPerLane; ++n) {
-          kraw[u][n] = ring_k[RingT::vec_index(slot, u, n)];  // zeros past k_end
-          vraw[u][n] = ring_v[RingT::vec_index(slot, u, n)];
-        }
-        if (j >= k_end) {
-          bias[u] = -INFINITY;
-        } else if (size_head) {
-          const float s = ring_s[RingT::size_index(slot, u)];
-          bias[u] = s > 0.f ? log2f(s) : -INFINITY;  // `> 0` is false for 0 and NaN
-        } else {
-          bias[u] = 0.f;
-        }
+      if (j >= k_end) {
+        bias[u] = -INFINITY;
+      } else if (size_head) {
+        const float s = ring_s[RingT::size_index(slot, u)];
+        bias[u] = s > 0.f ? log2f(s) : -INFINITY;  // `> 0` is false for 0 and NaN
+      } else {
+        bias[u] = 0.f;
       }
     }
 
-  float logit[QT][U];
+    float logit[QT][U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float kf[kElemsPerLane];
@@ -412,20 +364,16 @@ attention_split_kernel(const Params p) {
 #pragma unroll
         for (int e = 0; e < kElemsPerLane; ++e) acc[i][e] = fmaf(weight[i][u], vf[e], acc[i][e]);
     }
-    if constexpr (Stages > 0) {
-      // The slot's values were consumed above (the arithmetic depends on them), so it can be
-      // refilled with the step Stages ahead.
-      issue(slot, step + Stages * kKeysPerStep);
-      copy_async_commit();
-      slot = slot + 1 == Stages ? 0 : slot + 1;
-    }
+    // The slot's values were consumed above (the arithmetic depends on them), so it can be
+    // refilled with the step Stages ahead.
+    issue(slot, step + Stages * kKeysPerStep);
+    copy_async_commit();
+    slot = slot + 1 == Stages ? 0 : slot + 1;
   }
 
-  if constexpr (Stages > 0) {
-    // The merge below reuses the ring: no copy may still land, no thread may still read it.
-    copy_async_wait<0>();
-    __syncthreads();
-  }
+  // The merge below reuses the ring: no copy may still land, no thread may still read it.
+  copy_async_wait<0>();
+  __syncthreads();
 
   // Merge the groups of the block: rescale each group to the block max, then sum.
   if (lane == 0) {
@@ -560,7 +508,7 @@ void choose_splits(int64_t base_blocks, int length, int keys_per_step, int slots
   }
 }
 
-// Steps in the v2 ring: as many as fit in 56 KiB (four 128-thread blocks per SM still fit in
+// Steps in the ring: as many as fit in 56 KiB (four 128-thread blocks per SM still fit in
 // the 228 KiB of an H100/H200 SM), so each block keeps Stages - 1 steps (~36 KiB) in flight.
 template <typename T, int D, int U>
 constexpr int ring_stages() {
@@ -569,18 +517,18 @@ constexpr int ring_stages() {
   return fit < 2 ? 2 : (fit > 8 ? 8 : fit);
 }
 
-template <typename T, int D, int QT, bool Pipelined>
+template <typename T, int D, int QT>
 void launch(Params& p, const at::Tensor& q, int batch, cudaStream_t stream) {
   constexpr int kVec = Vec16<T>::kElems;
   constexpr int kLanes = (D / kVec) < 32 ? (D / kVec) : 32;
   // Keys per group per step: fewer where the rows or wide lanes (fp32, D=256) fill registers.
   constexpr int U = (QT >= 8 || D > kLanes * kVec) ? 2 : 4;
   constexpr int kKeysPerStep = (kThreads / kLanes) * U;
-  constexpr int kStages = Pipelined ? ring_stages<T, D, U>() : 0;
+  constexpr int kStages = ring_stages<T, D, U>();
   auto kernel = attention_split_kernel<T, D, QT, U, kStages>;
   constexpr int kMergeBytes = merge_floats<D, QT, kThreads / kLanes>() * 4;
   constexpr int kRingBytes = Ring<T, D, U, kStages>::kBytes;
-  constexpr size_t smem = Pipelined ? (kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes) : 0;
+  constexpr size_t smem = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
 
   const int device = q.get_device();
   static int resident[64] = {0};  // blocks per SM; depends only on the kernel and the GPU
@@ -620,44 +568,24 @@ void launch(Params& p, const at::Tensor& q, int batch, cudaStream_t stream) {
   }
 }
 
-template <typename T, int D, bool Pipelined>
+template <typename T, int D>
 void launch_for_rows(Params& p, const at::Tensor& q, int batch, cudaStream_t stream) {
   const int rows = p.group * p.tq;
   // The smallest power-of-two tile that holds the rows, at most 8 (more rows -> more tiles).
-  if (rows > 4) return launch<T, D, 8, Pipelined>(p, q, batch, stream);
-  if (rows > 2) return launch<T, D, 4, Pipelined>(p, q, batch, stream);
-  if (rows == 2) return launch<T, D, 2, Pipelined>(p, q, batch, stream);
-  return launch<T, D, 1, Pipelined>(p, q, batch, stream);
-}
-
-template <typename T, int D>
-void launch_for_version(Params& p, const at::Tensor& q, int batch, bool pipelined,
-                        cudaStream_t stream) {
-  if (pipelined) return launch_for_rows<T, D, true>(p, q, batch, stream);
-  return launch_for_rows<T, D, false>(p, q, batch, stream);
+  if (rows > 4) return launch<T, D, 8>(p, q, batch, stream);
+  if (rows > 2) return launch<T, D, 4>(p, q, batch, stream);
+  if (rows == 2) return launch<T, D, 2>(p, q, batch, stream);
+  return launch<T, D, 1>(p, q, batch, stream);
 }
 
 template <typename T>
-void launch_for_dim(Params& p, const at::Tensor& q, int dim, int batch, bool pipelined,
-                    cudaStream_t stream) {
+void launch_for_dim(Params& p, const at::Tensor& q, int dim, int batch, cudaStream_t stream) {
   switch (dim) {
-    case 64: return launch_for_version<T, 64>(p, q, batch, pipelined, stream);
-    case 128: return launch_for_version<T, 128>(p, q, batch, pipelined, stream);
-    case 256: return launch_for_version<T, 256>(p, q, batch, pipelined, stream);
+    case 64: return launch_for_rows<T, 64>(p, q, batch, stream);
+    case 128: return launch_for_rows<T, 128>(p, q, batch, stream);
+    case 256: return launch_for_rows<T, 256>(p, q, batch, stream);
     default: TORCH_CHECK(false, "centroidkv.attention: no kernel for head dim ", dim);
   }
-}
-
-// CENTROIDKV_ATTENTION_KERNEL=v1 selects the first kernel (direct loads), v2 or unset the
-// pipelined one. Read on every call (a getenv is cheap next to a launch) so that one process
-// can time both.
-bool use_pipelined_kernel() {
-  const char* env = std::getenv("CENTROIDKV_ATTENTION_KERNEL");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "v2") == 0) return true;
-  TORCH_CHECK(std::strcmp(env, "v1") == 0,
-              "centroidkv.attention: CENTROIDKV_ATTENTION_KERNEL must be v1 or v2, got '", env,
-              "'");
-  return false;
 }
 
 // Rows are read with 16-byte loads: the last dim must be dense and every row 16-byte aligned.
@@ -741,11 +669,10 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_in, const at:
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int b = static_cast<int>(batch);
-  const bool pipelined = use_pipelined_kernel();
   switch (q.scalar_type()) {
-    case at::kFloat: launch_for_dim<float>(p, q, static_cast<int>(dim), b, pipelined, stream); break;
-    case at::kHalf: launch_for_dim<c10::Half>(p, q, static_cast<int>(dim), b, pipelined, stream); break;
-    case at::kBFloat16: launch_for_dim<c10::BFloat16>(p, q, static_cast<int>(dim), b, pipelined, stream); break;
+    case at::kFloat: launch_for_dim<float>(p, q, static_cast<int>(dim), b, stream); break;
+    case at::kHalf: launch_for_dim<c10::Half>(p, q, static_cast<int>(dim), b, stream); break;
+    case at::kBFloat16: launch_for_dim<c10::BFloat16>(p, q, static_cast<int>(dim), b, stream); break;
     default: TORCH_CHECK(false, "centroidkv.attention: unsupported dtype ", q.scalar_type());
   }
   return out;

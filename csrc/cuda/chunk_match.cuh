@@ -236,6 +236,7 @@ struct MatchState {
   float* sim;         // [half][strip + 1] similarities of one strip of destinations
   uint32_t* merged;   // [words] bit a: source a merges
   uint32_t* members;  // [half][words] bit a of row b: source a merges into destination b
+                      // (shared memory, or global scratch for large chunks)
   int strip;          // destinations per strip of `sim`
   int words;
 };
@@ -290,7 +291,8 @@ __device__ __forceinline__ int member_count(const MatchState& s, int b) {
 
 // Clears the merged / members bitmasks (call before the first __syncthreads of the block).
 __device__ __forceinline__ void clear_match_bits(const MatchState& s, int half) {
-  for (int t = threadIdx.x; t < (half + 1) * s.words; t += blockDim.x) s.merged[t] = 0u;
+  for (int t = threadIdx.x; t < s.words; t += blockDim.x) s.merged[t] = 0u;
+  for (int t = threadIdx.x; t < half * s.words; t += blockDim.x) s.members[t] = 0u;
 }
 
 // Steps 2-4 of SPEC.md for one chunk: best(a), score(a), which sources merge. Needs the

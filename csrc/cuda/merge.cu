@@ -68,18 +68,46 @@ RowsArg rows_arg(const at::Tensor& t) {
   return arg;
 }
 
-// Staged layout if it fits the device, else the layout that reads rows from global memory.
+// The fastest layout that fits the device's shared memory: rows staged; else rows read from
+// global memory; else (large chunks) the members bitmask in global scratch and narrower
+// similarity strips. Every layout gives identical results.
 SmemLayout choose_layout(int c, bool merge, const int64_t (&row_bytes)[3], int device,
                          const char* op) {
   int limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  auto fits = [&](const SmemLayout& m) { return m.bytes >= 0 && m.bytes <= limit; };
   const SmemLayout staged = make_layout(c, merge, row_bytes, true);
-  if (staged.bytes >= 0 && staged.bytes <= limit) return staged;
+  if (fits(staged)) return staged;
   const SmemLayout direct = make_layout(c, merge, row_bytes, false);
-  TORCH_CHECK(direct.bytes >= 0 && direct.bytes <= limit, op, ": chunk_size ", c, " needs ", direct.bytes,
-              " bytes of shared memory per block for matching, more than this GPU allows (",
-              limit, ")");
-  return direct;
+  if (fits(direct)) return direct;
+  for (int strip = 32; strip >= 1; strip /= 2) {
+    const SmemLayout lean = make_layout(c, merge, row_bytes, false, strip, true);
+    if (fits(lean)) return lean;
+  }
+  int largest = 2;  // the largest even chunk size whose leanest layout fits, for the message
+  for (int step = 1 << 20; step >= 2; step /= 2) {
+    if (fits(make_layout(largest + step, merge, row_bytes, false, 1, true))) largest += step;
+  }
+  TORCH_CHECK(false, op, ": chunk_size ", c, " needs ",
+              make_layout(c, merge, row_bytes, false, 1, true).bytes,
+              " bytes of shared memory per block, more than this GPU allows (", limit,
+              "); the largest chunk_size it takes is ", largest, " (the CPU kernels take any)");
+}
+
+// Runs launch(first_block, blocks_in_launch, members_scratch) over all blocks, in slices small
+// enough that a global members scratch (large chunks only) stays within 256 MiB.
+template <class Launch>
+void launch_in_slices(int64_t blocks, const SmemLayout& layout, const at::Tensor& like, Launch&& launch) {
+  if (!layout.members_global) {
+    launch(int64_t{0}, blocks, static_cast<uint32_t*>(nullptr));
+    return;
+  }
+  const int64_t per_block = int64_t(layout.members_words) * 4;
+  const int64_t slice = std::max<int64_t>(1, std::min<int64_t>(blocks, (int64_t{256} << 20) / per_block));
+  at::Tensor scratch = at::empty({slice * per_block}, like.options().dtype(at::kByte));
+  for (int64_t first = 0; first < blocks; first += slice) {
+    launch(first, std::min(slice, blocks - first), reinterpret_cast<uint32_t*>(scratch.data_ptr()));
+  }
 }
 
 template <class Kernel>
@@ -124,9 +152,12 @@ at::Tensor match_cuda(const at::Tensor& metric_in, int64_t chunk_size, int64_t n
     dispatch_format(metric.scalar_type(), op, "metric", [&](auto mfmt) {
       auto kernel = match_kernel<decltype(mfmt)>;
       allow_shared_memory(kernel, p.layout.bytes);
-      kernel<<<static_cast<unsigned>(blocks), kThreads, p.layout.bytes,
-               c10::cuda::getCurrentCUDAStream()>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_in_slices(blocks, p.layout, metric, [&](int64_t first, int64_t count, uint32_t* scratch) {
+        p.slice = LaunchSlice{first, scratch};
+        kernel<<<static_cast<unsigned>(count), kThreads, p.layout.bytes,
+                 c10::cuda::getCurrentCUDAStream()>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
   const int64_t tail = g.length % chunk_size;
@@ -190,9 +221,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cuda(
       using KFmt = decltype(kfmt);
       auto launch = [&](auto kernel) {
         allow_shared_memory(kernel, p.layout.bytes);
-        kernel<<<static_cast<unsigned>(blocks), kThreads, p.layout.bytes,
-                 c10::cuda::getCurrentCUDAStream()>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_in_slices(blocks, p.layout, keys, [&](int64_t first, int64_t count, uint32_t* scratch) {
+          p.slice = LaunchSlice{first, scratch};
+          kernel<<<static_cast<unsigned>(count), kThreads, p.layout.bytes,
+                   c10::cuda::getCurrentCUDAStream()>>>(p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       };
       if (!metric.defined()) {
         launch(merge_kernel<KFmt, KFmt>);

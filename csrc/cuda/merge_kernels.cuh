@@ -19,13 +19,17 @@ struct SmemLayout {
   int best = 0;        // int [half]
   int score = 0;       // float [half]
   int sim = 0;         // float [half][strip + 1]
-  int bits = 0;        // uint32 [words] merged, then [half][words] members
+  int bits = 0;        // uint32 [words] merged, then [half][words] members (unless global)
   int slot_token = 0;  // int [c]: token owning each output slot
   int slot_total = 0;  // float [c]: S of each output slot
   int slot_count = 0;  // int [c]: tokens in each output slot
   int strip = 0, words = 0;
   int bytes = 0;
   bool staged = false;
+  // Large chunks: the [half][words] members bitmask (c^2 / 32 bytes) lives in a global scratch
+  // buffer, one slice per block of the launch, instead of shared memory.
+  bool members_global = false;
+  int64_t members_words = 0;  // half * words
 };
 
 struct ChunkGrid {
@@ -33,14 +37,23 @@ struct ChunkGrid {
   int c, r;
 };
 
-__device__ inline MatchState match_state(unsigned char* smem, const SmemLayout& m) {
+// The blocks one launch covers: blocks first_block .. first_block + gridDim.x - 1, and the
+// members scratch of SmemLayout::members_global (gridDim.x slices; nullptr when unused).
+struct LaunchSlice {
+  int64_t first_block = 0;
+  uint32_t* members_scratch = nullptr;
+};
+
+__device__ inline MatchState match_state(unsigned char* smem, const SmemLayout& m,
+                                        uint32_t* members_scratch) {
   MatchState s;
   s.norms = reinterpret_cast<float*>(smem + m.norms);
   s.best = reinterpret_cast<int*>(smem + m.best);
   s.score = reinterpret_cast<float*>(smem + m.score);
   s.sim = reinterpret_cast<float*>(smem + m.sim);
   s.merged = reinterpret_cast<uint32_t*>(smem + m.bits);
-  s.members = s.merged + m.words;
+  s.members = m.members_global ? members_scratch + int64_t(blockIdx.x) * m.members_words
+                               : s.merged + m.words;
   s.strip = m.strip;
   s.words = m.words;
   return s;
@@ -72,19 +85,20 @@ struct MatchParams {
   int64_t* map;  // contiguous [B, H, L]
   ChunkGrid grid;
   SmemLayout layout;
+  LaunchSlice slice;
 };
 
 template <class MFmt>
 __global__ void __launch_bounds__(kThreads) match_kernel(const MatchParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const ChunkGrid& g = p.grid;
-  const int64_t block = blockIdx.x;
+  const int64_t block = p.slice.first_block + blockIdx.x;
   const int64_t j = block % g.chunks, bh = block / g.chunks;
   const int64_t b = bh / g.heads, h = bh % g.heads;
   const int c = g.c, elem = int(sizeof(typename MFmt::Bits));
   const bool staged = p.layout.staged;
 
-  const MatchState s = match_state(smem, p.layout);
+  const MatchState s = match_state(smem, p.layout, p.slice.members_scratch);
   clear_match_bits(s, c / 2);
   const char* metric = global_chunk(p.metric, b, h, j * c);
   if (staged) stage_rows<MFmt>(reinterpret_cast<char*>(smem + p.layout.rows_metric), metric, p.metric, c);
@@ -111,6 +125,7 @@ struct MergeParams {
   bool out_keys_vec16, out_values_vec16;
   ChunkGrid grid;
   SmemLayout layout;
+  LaunchSlice slice;
 };
 
 struct SlotState {
@@ -171,14 +186,14 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const MergeParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const ChunkGrid& g = p.grid;
   const SmemLayout& m = p.layout;
-  const int64_t block = blockIdx.x;
+  const int64_t block = p.slice.first_block + blockIdx.x;
   const int64_t j = block % g.chunks, bh = block / g.chunks;
   const int64_t b = bh / g.heads, h = bh % g.heads;
   const int c = g.c, r = g.r, kept = c - r;
   const int kelem = int(sizeof(typename KFmt::Bits)), melem = int(sizeof(typename MFmt::Bits));
   const bool staged = m.staged, own_metric = p.own_metric;
 
-  const MatchState s = match_state(smem, m);
+  const MatchState s = match_state(smem, m, p.slice.members_scratch);
   clear_match_bits(s, c / 2);
   const char* keys = global_chunk(p.keys, b, h, j * c);
   const char* values = global_chunk(p.values, b, h, j * c);
@@ -243,13 +258,18 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const MergeParams p) {
 
 inline int round16(int64_t bytes) { return static_cast<int>((bytes + 15) / 16 * 16); }
 
-// Lays out shared memory; row_bytes lists the staged tensors' row sizes (empty: not staged).
-inline SmemLayout make_layout(int c, bool merge, const int64_t (&row_bytes)[3], bool staged) {
+// Lays out shared memory; row_bytes lists the staged tensors' row sizes (-1: not staged).
+// strip = destinations per similarity strip (results do not depend on it); members_global puts
+// the members bitmask in global scratch.
+inline SmemLayout make_layout(int c, bool merge, const int64_t (&row_bytes)[3], bool staged,
+                              int strip = 32, bool members_global = false) {
   SmemLayout m;
   const int half = c / 2;
-  m.strip = std::min(half, 32);
+  m.strip = std::max(1, std::min(half, strip));
   m.words = (half + 31) / 32;
   m.staged = staged;
+  m.members_global = members_global;
+  m.members_words = int64_t(half) * m.words;
   int64_t end = 0;
   int* row_offsets[3] = {&m.rows_metric, &m.rows_keys, &m.rows_values};
   for (int t = 0; t < 3; ++t) {
@@ -266,7 +286,7 @@ inline SmemLayout make_layout(int c, bool merge, const int64_t (&row_bytes)[3], 
   m.best = static_cast<int>(take(half));
   m.score = static_cast<int>(take(half));
   m.sim = static_cast<int>(take(int64_t(half) * (m.strip + 1)));
-  m.bits = static_cast<int>(take(int64_t(half + 1) * m.words));
+  m.bits = static_cast<int>(take(int64_t(members_global ? 1 : half + 1) * m.words));
   m.slot_token = static_cast<int>(take(merge ? c : 0));
   m.slot_total = static_cast<int>(take(merge ? c : 0));
   m.slot_count = static_cast<int>(take(merge ? c : 0));

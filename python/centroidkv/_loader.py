@@ -28,6 +28,8 @@ def build_extension(verbose: bool = False, with_cuda: bool | None = None) -> str
     """Compiles the kernels from the source checkout and loads them; returns the library path."""
     from torch.utils import cpp_extension
 
+    from . import _libstdcxx
+
     if with_cuda is None:
         with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     files = _source_files(with_cuda)
@@ -39,12 +41,14 @@ def build_extension(verbose: bool = False, with_cuda: bool | None = None) -> str
         sources=files,
         extra_include_paths=[os.path.join(SOURCE_ROOT, "csrc")],
         extra_cflags=["-O3", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
+        extra_ldflags=["-fopenmp"] + _libstdcxx.link_args(),
         extra_cuda_cflags=["-O3", "--use_fast_math", "--expt-relaxed-constexpr"],
         is_python_module=False,
         verbose=verbose,
     )
-    return os.path.join(cpp_extension._get_build_directory(name, verbose), f"{name}.so")
+    library = os.path.join(cpp_extension._get_build_directory(name, verbose), f"{name}.so")
+    _libstdcxx.check_extension(library)  # after loading: a bad link is an error, not a later crash
+    return library
 
 
 def load_ops() -> str:
