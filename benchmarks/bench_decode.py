@@ -18,9 +18,7 @@ step where a block of tokens is clustered). The byte-count bound of a point is
 (W + KV_full) / (W + KV_ckv): bytes a step must read with a full cache over those with the
 clustered one (W: weights but the input embedding; KV_ckv: live slots' keys, values and sizes).
 
-Separately, the prefill: one real forward of --prefill-context tokens with CentroidKVCache
-clustering off vs on (same "centroidkv" attention), and stock SDPA + DynamicCache for scale;
-clustering overhead = on / off - 1.
+Prefill is measured by bench_prefill.py.
 
     python benchmarks/bench_decode.py --json decode.json               # GPU, Llama-3-8B shape
     python benchmarks/bench_decode.py --tiny --json /tmp/decode.json   # CPU smoke test
@@ -180,75 +178,9 @@ def compare(results: list[dict], shape, weights: int, ratios, policy: str = "pla
     return rows
 
 
-def run_prefill(model, shape, args, device, dtype, deadline) -> dict:
-    """Real prefill of --prefill-context tokens; if that runs out of memory, once more at a
-    quarter of the context (recorded, with the failure, under `fallback_from`)."""
-    out = run_prefill_at(args.prefill_context, model, shape, args, device, dtype, deadline)
-    if out["status"] == "oom" and args.prefill_context >= 4096:
-        log(f"  prefill at {args.prefill_context} ran out of memory; trying {args.prefill_context // 4}")
-        first = out
-        out = run_prefill_at(args.prefill_context // 4, model, shape, args, device, dtype, deadline)
-        out["fallback_from"] = {k: first[k] for k in ("context", "status", "reason")}
-    return out
-
-
-@torch.inference_mode()
-def run_prefill_at(context, model, shape, args, device, dtype, deadline) -> dict:
-    """Real prefill of `context` tokens: clustering off vs on, and stock for scale."""
-    batch = args.prefill_batch
-    variants = ["stock", "ckv_off"] + [f"ckv_{r:g}" for r in args.prefill_ratios]
-    out = dict(batch=batch, context=context, reps=args.prefill_reps, times_ms={v: [] for v in variants})
-    need = common.kv_bytes_full(shape, batch, context) * 2 + 8 * GB * (device.type == "cuda")
-    free = common.free_bytes(device, args.free_gb)
-    if need > free:
-        out.update(status="skipped", reason=f"memory: needs about {need / GB:.1f} GB, {free / GB:.1f} free")
-        log(f"  prefill skipped: {out['reason']}")
-        return out
-    tokens = torch.randint(shape.vocab, (batch, context), device=device)
-
-    def once(variant: str) -> float:
-        if variant == "stock":
-            common.use_attention(model, "sdpa")
-            cache = common.DynamicCache(config=model.config)
-        else:
-            common.use_attention(model, "centroidkv")
-            cache = CentroidKVCache(ratio=0.0 if variant == "ckv_off" else ratio_of(variant),
-                                    policy=common.make_policy(args.policy))
-        try:
-            return common.time_once(device, lambda: common.forward(model, tokens, cache))
-        finally:
-            del cache
-            common.release(device)
-
-    try:
-        for rep in range(1 + args.prefill_reps):  # rep 0 warms up; variants interleaved against drift
-            for variant in variants:
-                if deadline.passed(min(args.min_point_s, 5.0)):
-                    raise TimeoutError("deadline")
-                ms = once(variant)
-                if rep > 0:
-                    out["times_ms"][variant].append(ms)
-            if rep == 0:
-                log("  prefill warm-up done")
-            else:
-                log(f"  prefill rep {rep}: " + ", ".join(f"{v} {out['times_ms'][v][-1]:.1f} ms" for v in variants))
-    except Exception as error:  # noqa: BLE001
-        out.update(status="oom" if common.is_oom(error) else "error",
-                   reason=f"{type(error).__name__}: {str(error)[:300]}")
-    out.setdefault("status", "ok")
-    med = {v: sorted(t)[len(t) // 2] for v, t in out["times_ms"].items() if t}
-    out["median_ms"] = med
-    if "ckv_off" in med:
-        out["clustering_overhead"] = {v: med[v] / med["ckv_off"] - 1 for v in med if v.startswith("ckv_") and v != "ckv_off"}
-    if "stock" in med:
-        out["vs_stock"] = {v: med[v] / med["stock"] - 1 for v in med if v != "stock"}
-    return out
-
-
 def print_table(payload: dict) -> None:
     if payload["decode"]:
         print_decode_table(payload)
-    print_prefill(payload.get("prefill"))
 
 
 def print_decode_table(payload: dict) -> None:
@@ -269,16 +201,6 @@ def print_decode_table(payload: dict) -> None:
         log(f"  not measured: B={r['batch']} L={r['context']} {r['variant']}: {r['status']} ({r.get('reason', '')})")
 
 
-def print_prefill(pre) -> None:
-    if pre and not pre.get("median_ms"):
-        log(f"Prefill: {pre.get('status')} ({pre.get('reason', '')})")
-    if pre and pre.get("median_ms"):
-        log(f"Prefill B={pre['batch']} L={pre['context']}: " + ", ".join(
-            f"{v} {ms:.1f} ms" for v, ms in pre["median_ms"].items()))
-        for v, frac in pre.get("clustering_overhead", {}).items():
-            log(f"  clustering adds {100 * frac:+.2f}% ({v} vs ckv_off, same attention)")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (CPU smoke test)")
     parser.add_argument("--device", default=None)
@@ -289,12 +211,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", default=None, help="subset of the variants to run")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps per point")
     parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--prefill-context", type=int, default=None)
-    parser.add_argument("--prefill-batch", type=int, default=1)
-    parser.add_argument("--prefill-reps", type=int, default=None)
-    parser.add_argument("--prefill-ratios", type=float, nargs="+", default=[0.75])
-    parser.add_argument("--no-prefill", action="store_true")
-    parser.add_argument("--no-decode", action="store_true", help="only the prefill measurement")
     parser.add_argument("--free-gb", type=float, default=None,
                         help="pretend this much memory is free (default: measured on CUDA, unlimited on CPU)")
     parser.add_argument("--deadline-s", type=float, default=None, help="start no new point after this")
@@ -304,15 +220,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 DEFAULTS = dict(contexts=([8192, 32768, 65536, 131072], [256, 1024]), batches=([1, 8, 32], [1, 2]),
-                steps=(10, 3), warmup=(3, 1), prefill_context=(32768, 512), prefill_reps=(3, 1),
-                min_point_s=(12.0, 0.0))  # (GPU, --tiny)
+                steps=(10, 3), warmup=(3, 1), min_point_s=(12.0, 0.0))  # (GPU, --tiny)
 
 
 def main(argv=None, model=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(parser)
     setup = common.start(parser, argv, DEFAULTS, model,
-                         lambda a: max(a.contexts + [a.prefill_context]) + 4096)
+                         lambda a: max(a.contexts) + 4096)
     args, deadline, device, shape, model = setup.args, setup.deadline, setup.device, setup.shape, setup.model
     dtype = shape.dtype
     weights = common.weight_bytes_read_per_step(model)
@@ -320,14 +235,10 @@ def main(argv=None, model=None) -> dict:
         f"free {common.free_bytes(device, args.free_gb) / GB:.1f} GB")
     payload = dict(env=common.environment(device), shape=shape.__dict__, dtype=str(dtype),
                    weights_bytes_read=weights, args=vars(args), decode=[], comparisons=[])
-    if not args.no_decode:
-        # Written after every point too, so a run cut short keeps what it measured.
-        checkpoint = lambda rows: common.write_json(args.json, {**payload, "decode": rows, "partial": True})  # noqa: E731
-        payload["decode"] = run_decode(model, shape, args, device, dtype, deadline, weights, checkpoint)
-        payload["comparisons"] = compare(payload["decode"], shape, weights, args.ratios, args.policy)
-    if not args.no_prefill:
-        log(f"prefill {args.prefill_context} tokens, B={args.prefill_batch} ...")
-        payload["prefill"] = run_prefill(model, shape, args, device, dtype, deadline)
+    # Written after every point too, so a run cut short keeps what it measured.
+    checkpoint = lambda rows: common.write_json(args.json, {**payload, "decode": rows, "partial": True})  # noqa: E731
+    payload["decode"] = run_decode(model, shape, args, device, dtype, deadline, weights, checkpoint)
+    payload["comparisons"] = compare(payload["decode"], shape, weights, args.ratios, args.policy)
     common.write_json(args.json, payload)
     print_table(payload)
     return payload

@@ -2,8 +2,8 @@
 
     PYTHONPATH=python python benchmarks/gpu_e2e.py --out "$OUT"
 
-Builds the Llama-3-8B-shaped model once, then: decode (bench_decode.py, no prefill), serving
-(bench_serving.py), the prefill clustering overhead (bench_decode.py --no-decode). Each part gets
+Builds the Llama-3-8B-shaped model once, then: decode (bench_decode.py), serving
+(bench_serving.py), prefill against stock (bench_prefill.py, 32k tokens). Each part gets
 a share of --budget-s and stops starting new points when its share is spent; a point that runs
 out of memory or fails is recorded and the run goes on. Writes decode.json, serving.json,
 prefill.json and e2e.png under --out, and prints the tables last. --tiny runs the same on the CPU.
@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import bench_decode  # noqa: E402
+import bench_prefill  # noqa: E402
 import bench_serving  # noqa: E402
 import e2e_common as common  # noqa: E402
 from e2e_common import log  # noqa: E402
@@ -52,16 +53,22 @@ def main() -> None:
     payloads = {}
     prefill_s, serving_s = PREFILL_SHARE * left(), SERVING_SHARE * left()
     parts = [
-        ("decode", bench_decode, ["--no-prefill"], lambda: left() - prefill_s - serving_s - CLOSING_S),
+        ("decode", bench_decode, [], lambda: left() - prefill_s - serving_s - CLOSING_S),
         ("serving", bench_serving, [], lambda: left() - prefill_s - CLOSING_S),
-        ("prefill", bench_decode, ["--no-decode"], lambda: left() - CLOSING_S),
+        ("prefill", bench_prefill, None, lambda: left() - CLOSING_S),
     ]
     for name, module, extra, share in parts:
         path = os.path.join(args.out, f"{name}.json")
         deadline = max(share(), 1.0)
         log(f"[{time.monotonic() - start:6.1f}s] {name}: deadline {deadline:.0f} s")
         try:
-            payloads[name] = module.main(tiny + extra + ["--deadline-s", f"{deadline:.0f}", "--json", path], model=model)
+            if extra is None:  # bench_prefill: a fixed amount of work, no deadline
+                argv = ["--model", "tiny" if args.tiny else "8b", "--contexts", "512" if args.tiny else "32768",
+                        "--policy", args.policy, "--json", path]
+                payloads[name] = module.main(argv, model=model)
+            else:
+                payloads[name] = module.main(tiny + extra + ["--deadline-s", f"{deadline:.0f}", "--json", path],
+                                             model=model)
         except Exception:  # noqa: BLE001 - the other parts still run
             traceback.print_exc()
             payloads[name] = None
@@ -79,10 +86,10 @@ def main() -> None:
         json.dump(summary, f, indent=2, default=str)
     log(f"\n==== summary ({summary['elapsed_s']:.0f} s, {summary['env']['device']}) ====")
     if payloads.get("decode"):
-        decode = dict(payloads["decode"])
-        if payloads.get("prefill"):
-            decode["prefill"] = payloads["prefill"].get("prefill")
-        bench_decode.print_table(decode)
+        bench_decode.print_table(payloads["decode"])
+    if payloads.get("prefill"):
+        bench_prefill.print_table([r for r in payloads["prefill"]["rows"] if "median_ms" in r],
+                                  payloads["prefill"]["env"])
     if payloads.get("serving"):
         bench_serving.print_table(payloads["serving"])
     del model

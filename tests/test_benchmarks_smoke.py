@@ -90,7 +90,7 @@ def test_synthetic_fill_decodes_like_a_cache():
 def test_bench_decode_tiny(tmp_path, policy):
     # 0.0003 GB "free": the 256-token points fit, the 1024-token ones must be skipped.
     data = run_script("bench_decode.py", "--contexts", "256", "1024", "--batches", "1", "--steps", "2",
-                      "--free-gb", "0.0003", "--prefill-context", "256", "--policy", policy, tmp_path=tmp_path)
+                      "--free-gb", "0.0003", "--policy", policy, tmp_path=tmp_path)
     rows = data["decode"]
     assert {r["variant"] for r in rows} == {"stock", "static_sdpa", "inplace_op", "ckv_0.5", "ckv_0.75"}
     for r in rows:
@@ -109,12 +109,18 @@ def test_bench_decode_tiny(tmp_path, policy):
     for c in comps:
         assert c["bound"] > 1 and c["speedup_vs_stock"] > 0 and c["speedup_vs_best_full"] > 0
         assert c["best_full"] in ("static_sdpa", "inplace_op") and c["fraction_of_bound"] > 0
-    pre = data["prefill"]
-    assert pre["status"] == "ok", pre
-    assert set(pre["median_ms"]) == {"stock", "ckv_off", "ckv_0.75"}
-    assert all(ms > 0 for ms in pre["median_ms"].values())
-    assert set(pre["clustering_overhead"]) == {"ckv_0.75"}
     assert data["weights_bytes_read"] > 0 and data["env"]["device"].startswith("CPU")
+
+
+@pytest.mark.parametrize("policy", ["plain", "default"])
+def test_bench_prefill_tiny(tmp_path, policy):
+    data = run_script("bench_prefill.py", "--model", "tiny", "--contexts", "200", "--chunk", "64", "--reps", "1",
+                      "--policy", policy, tmp_path=tmp_path)
+    (row,) = data["rows"]
+    variants = {"stock", "ckv_off", "ckv_0.75", "ckv_0.75_scored", "stock_chunked", "ckv_0.75_chunked"}
+    assert set(row["median_ms"]) == variants and all(ms > 0 for ms in row["median_ms"].values())
+    assert row["vs_stock"]["stock"] == 1.0 and set(row["vs_ckv_off"]) == {v for v in variants if v.startswith("ckv")}
+    assert data["env"]["device"].startswith("CPU") and "peak_bytes" not in row
 
 
 @pytest.mark.parametrize("policy", ["plain", "default"])
@@ -135,7 +141,7 @@ def test_bench_serving_tiny(tmp_path, policy):
 
 def test_deadline_skips_points(tmp_path):
     data = run_script("bench_decode.py", "--contexts", "256", "--batches", "1", "--deadline-s", "0",
-                      "--min-point-s", "1", "--no-prefill", tmp_path=tmp_path)
+                      "--min-point-s", "1", tmp_path=tmp_path)
     assert data["decode"] and all(r["status"] == "skipped" and r["reason"] == "deadline" for r in data["decode"])
 
 

@@ -16,9 +16,11 @@ tokens get size 0; queries that see no slot of positive size return zeros (never
 would poison later layers through 0 * NaN).
 
 Kernels. Short query blocks (decoding) go to torch.ops.centroidkv.attention when it has a kernel
-for the device; otherwise, and for prefill-sized blocks, for sliding windows and soft-capping,
-torch's scaled_dot_product_attention runs with a float bias (log sizes, -inf where masked),
-reading grouped KV heads without copying them.
+for the device. Prompt blocks go to prefill_attention.py: torch's causal flash kernel for the new
+tokens and, over a clustered prefix, a second attention with the log-size bias merged by
+log-sum-exp; no [queries, keys] mask is built. The dense path (torch's scaled_dot_product_attention
+with a float bias [B, 1 or Hkv, T, L]) remains for sliding-window layers, soft-capping and padding
+that is not a leading run.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from torch import Tensor
 
 from . import backend
 from .cache import active_layer
+from .prefill_attention import leading_padding, prefill_attention
 
 NAME = "centroidkv"
 # Query blocks up to this long use the attention op (decoding, short continuations); longer ones
@@ -148,11 +151,18 @@ def centroidkv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
 
     use_op = (sliding_window is None and softcap is None and queries <= OP_MAX_QUERIES
               and sizes is not None and backend.attention_op_available(query.device))
-    bias = None
+    bias = out = None
     if use_op:
         op_sizes = sizes.expand(batch, key.shape[1], -1) if sizes.shape[1] != key.shape[1] else sizes
         out = torch.ops.centroidkv.attention(query, key, value, op_sizes, scale, lengths)
-    else:
+    elif sliding_window is None and softcap is None:
+        new_mask = attention_mask[:, -queries:] if attention_mask is not None else None
+        padding = leading_padding(new_mask, batch)
+        if padding is not None:
+            # A CentroidKVLayer dropped earlier padding, so its unclustered slots all have size 1.
+            all_ones = sizes is None or (layer is not None and heads_alike)
+            out = prefill_attention(query, key, value, scale, sizes, lengths, all_ones, padding)
+    if out is None:
         bias_sizes = sizes[:, :1] if (sizes is not None and heads_alike) else sizes
         bias = build_bias(bias_sizes, lengths, batch, queries, key.shape[2], sliding_window,
                           query.device, query.dtype)
