@@ -44,6 +44,7 @@ void reject_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 TORCH_LIBRARY_IMPL(centroidkv, Autograd, m) {
   m.impl("match", torch::CppFunction::makeFromBoxedFunction<&below_autograd>());
   m.impl("merge", torch::CppFunction::makeFromBoxedFunction<&reject_grad>());
+  m.impl("_merge_unchecked", torch::CppFunction::makeFromBoxedFunction<&reject_grad>());
   m.impl("attention", torch::CppFunction::makeFromBoxedFunction<&reject_grad>());
 }
 

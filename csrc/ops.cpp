@@ -16,6 +16,14 @@ TORCH_LIBRARY(centroidkv, m) {
       "merge(Tensor keys, Tensor values, Tensor? sizes, int chunk_size, int num_merge, "
       "Tensor? metric=None) -> (Tensor, Tensor, Tensor)");
 
+  // merge() for sizes the library produced itself (a cache's buffers, a previous merge's
+  // output): the same kernels without reading the sizes back to check their values, which on
+  // CUDA is a device sync that stalls the launch queue of a prefill once per clustering pass.
+  // Internal: user code calls merge().
+  m.def(
+      "_merge_unchecked(Tensor keys, Tensor values, Tensor? sizes, int chunk_size, int num_merge, "
+      "Tensor? metric=None) -> (Tensor, Tensor, Tensor)");
+
   // Attention over a clustered cache: softmax(scale * q.k + log(size)) v with grouped KV heads.
   // q [B, Hq, Tq, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv], sizes [B, Hkv, L] float32 (0 masks a
   // slot; default all ones), lengths [B] int64 valid keys per row (default L). Query i of Tq

@@ -5,7 +5,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import centroidkv
 
-OPS = ("match", "merge", "attention")
+OPS = ("match", "merge", "_merge_unchecked", "attention")
 
 missing = [op for op in OPS
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"centroidkv::{op}", "CUDA")]

@@ -132,6 +132,20 @@ def test_fake_merge_rejects_like_the_kernels(case):
                                    args["num_merge"], args["metric"])
 
 
+SIZE_VALUE_CASES = {"negative sizes", "nan sizes", "inf sizes"}
+
+
+@pytest.mark.parametrize("case", sorted(set(merge_bad_cases("cpu")) - SIZE_VALUE_CASES))
+@pytest.mark.parametrize("device", DEVICES)
+def test_internal_unchecked_merge_checks_everything_but_size_values(device, case):
+    # _merge_unchecked serves sizes the library produced itself; it skips only the value read.
+    change, message = merge_bad_cases(device)[case]
+    args = {**good(device), **change}
+    with raises_exactly(message):
+        torch.ops.centroidkv._merge_unchecked(args["keys"], args["values"], args["sizes"], args["chunk_size"],
+                                              args["num_merge"], args["metric"])
+
+
 @pytest.mark.parametrize("name", ["values", "sizes", "metric"])
 def test_one_meta_argument_is_a_device_error_not_an_empty_result(name):
     # Meta wins dispatch over CPU, so these calls reach the fake kernel: it must refuse them.

@@ -13,45 +13,14 @@ import torch
 
 from centroidkv.cache import CentroidKVCache
 from centroidkv.hf_attention import centroidkv_attention
+from sync_counter import SyncCounter
+
 
 LAYERS, KV_HEADS, GROUP, DIM = 2, 2, 2, 16
-SYNCING_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy",
-                   "nonzero")
 
 
 class _Module(torch.nn.Module):
     pass
-
-
-class SyncCounter:
-    """Counts calls that need a tensor's value on the host while `active` is set."""
-
-    def __init__(self, monkeypatch):
-        self.active, self.calls = False, []
-        for name in SYNCING_METHODS:
-            self._wrap(monkeypatch, torch.Tensor, name, name)
-        for name in ("tensor", "as_tensor"):
-            self._wrap(monkeypatch, torch, name, f"torch.{name}")
-        for name in ("__getitem__", "__setitem__"):
-            original = getattr(torch.Tensor, name)
-
-            def indexed(tensor, index, *rest, _original=original, _name=name):
-                parts = index if isinstance(index, tuple) else (index,)
-                if self.active and any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
-                    self.calls.append(f"boolean mask {_name}")
-                return _original(tensor, index, *rest)
-
-            monkeypatch.setattr(torch.Tensor, name, indexed)
-
-    def _wrap(self, monkeypatch, owner, name, label):
-        original = getattr(owner, name)
-
-        def counted(*args, **kwargs):
-            if self.active:
-                self.calls.append(label)
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(owner, name, counted)
 
 
 def _step(cache, tokens, mask, module):

@@ -1,4 +1,4 @@
-"""torch.library.opcheck on match and merge: schema, fake kernels, autograd registration and
+"""torch.library.opcheck on match and merge (and merge's internal unchecked variant): schema, fake kernels, autograd registration and
 AOT dispatch agree with the real kernels on several samples."""
 import pytest
 import torch
@@ -41,7 +41,18 @@ def test_opcheck_match(device, sample):
     torch.library.opcheck(torch.ops.centroidkv.match.default, match_samples(device)[sample])
 
 
+@pytest.mark.parametrize("op", ["merge", "_merge_unchecked"])
 @pytest.mark.parametrize("sample", range(4))
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_merge(device, sample):
-    torch.library.opcheck(torch.ops.centroidkv.merge.default, merge_samples(device)[sample])
+def test_opcheck_merge(device, sample, op):
+    torch.library.opcheck(getattr(torch.ops.centroidkv, op).default, merge_samples(device)[sample])
+
+
+@pytest.mark.parametrize("sample", range(4))
+@pytest.mark.parametrize("device", DEVICES)
+def test_unchecked_merge_equals_merge(device, sample):
+    # The internal variant (sizes the library produced itself) differs only in not reading the
+    # sizes back to check them.
+    args = merge_samples(device)[sample]
+    for got, want in zip(torch.ops.centroidkv._merge_unchecked(*args), torch.ops.centroidkv.merge(*args)):
+        assert torch.equal(got, want)

@@ -10,6 +10,7 @@ from centroidkv import hf_attention, prefill_attention as pa
 
 from centroidkv.cache import cache_argument
 from hf_helpers import VOCAB, tiny_model
+from sync_counter import SyncCounter
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -172,3 +173,39 @@ def test_split_path_equals_dense_path_over_clustered_slots(monkeypatch, family):
     dense = run()
     for a, b in zip(split, dense):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_clustering_prefill_stays_on_the_device(monkeypatch, padded):
+    """A prompt's forward with clustering (default policy, plain forward) reads nothing back to
+    the host: no Python-level sync without padding, and with padding only its bookkeeping (not
+    one per clustering pass); the cache's merges take the op variant that does not read the
+    sizes back (on CUDA a sync per pass)."""
+    model = tiny_model("llama", seed=8)
+    prompt = torch.randint(1, VOCAB, (2, 700))
+    mask = torch.ones_like(prompt)
+    mask[1, :40] = 0
+    cache = centroidkv.CentroidKVCache(ratio=0.75)
+    counter = SyncCounter(monkeypatch)
+    counter.active = True
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(prompt, attention_mask=mask if padded else None, use_cache=True, **{cache_argument(model): cache})
+    counter.active = False
+    assert cache.layers[0]._clustered_any
+    if padded:  # the mask's padding once, then per layer the padding drop and its row groups
+        layers = len(cache.layers)
+        assert counter.calls[0] == "tolist" and len(counter.calls) <= 1 + 7 * layers, counter.calls
+    else:
+        assert counter.calls == []
+    ops = {e.name for e in prof.events() if e.name.startswith("centroidkv::")}
+    assert ops == {"centroidkv::_merge_unchecked"}
+
+
+def test_padding_is_read_once_per_mask_and_again_after_a_change():
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    assert hf_attention.new_token_padding(mask, 6, 2) == [0, 2]
+    mask[0, :3] = 0  # in place: the memo must not answer for the old values
+    assert hf_attention.new_token_padding(mask, 6, 2) == [3, 2]
+    assert hf_attention.new_token_padding(mask, 4, 2) == [1, 0]
+    assert hf_attention.new_token_padding(None, 4, 2) == [0, 0]

@@ -317,12 +317,12 @@ at::Tensor match_cpu(const at::Tensor& metric_in, int64_t chunk_size, int64_t nu
   return slots;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cpu_impl(
     const at::Tensor& keys_in, const at::Tensor& values_in,
     const c10::optional<at::Tensor>& sizes_in, int64_t chunk_size, int64_t num_merge,
-    const c10::optional<at::Tensor>& metric_in) {
+    const c10::optional<at::Tensor>& metric_in, bool check_sizes) {
   check_merge_args(keys_in, values_in, sizes_in, chunk_size, num_merge, metric_in);
-  if (sizes_in.has_value()) check_sizes_values(*sizes_in, "centroidkv.merge");
+  if (check_sizes && sizes_in.has_value()) check_sizes_values(*sizes_in, "centroidkv.merge");
   const at::Tensor keys = last_dim_contiguous(keys_in);
   const at::Tensor values = last_dim_contiguous(values_in);
   const at::Tensor metric = metric_in.has_value() ? last_dim_contiguous(*metric_in) : keys;
@@ -385,11 +385,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cpu(
   return {out_keys, out_values, out_sizes};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cpu(
+    const at::Tensor& keys, const at::Tensor& values, const c10::optional<at::Tensor>& sizes,
+    int64_t chunk_size, int64_t num_merge, const c10::optional<at::Tensor>& metric) {
+  return merge_cpu_impl(keys, values, sizes, chunk_size, num_merge, metric, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_unchecked_cpu(
+    const at::Tensor& keys, const at::Tensor& values, const c10::optional<at::Tensor>& sizes,
+    int64_t chunk_size, int64_t num_merge, const c10::optional<at::Tensor>& metric) {
+  return merge_cpu_impl(keys, values, sizes, chunk_size, num_merge, metric, false);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(centroidkv, CPU, m) {
   m.impl("match", &match_cpu);
   m.impl("merge", &merge_cpu);
+  m.impl("_merge_unchecked", &merge_unchecked_cpu);
 }
 
 }  // namespace centroidkv

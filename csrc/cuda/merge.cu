@@ -168,15 +168,15 @@ at::Tensor match_cuda(const at::Tensor& metric_in, int64_t chunk_size, int64_t n
   return map;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cuda_impl(
     const at::Tensor& keys_in, const at::Tensor& values_in,
     const c10::optional<at::Tensor>& sizes_in, int64_t chunk_size, int64_t num_merge,
-    const c10::optional<at::Tensor>& metric_in) {
+    const c10::optional<at::Tensor>& metric_in, bool check_sizes) {
   const char* op = "centroidkv.merge";
   check_merge_args(keys_in, values_in, sizes_in, chunk_size, num_merge, metric_in);
   TORCH_CHECK(keys_in.is_cuda(), op, ": keys must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(keys_in.device());
-  if (sizes_in.has_value()) check_sizes_values(*sizes_in, op);  // reads the sizes: a device sync
+  if (check_sizes && sizes_in.has_value()) check_sizes_values(*sizes_in, op);  // a device sync
 
   const at::Tensor keys = unit_last_stride(keys_in);
   const at::Tensor values = unit_last_stride(values_in);
@@ -251,12 +251,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cuda(
   return {out_keys, out_values, out_sizes};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cuda(
+    const at::Tensor& keys, const at::Tensor& values, const c10::optional<at::Tensor>& sizes,
+    int64_t chunk_size, int64_t num_merge, const c10::optional<at::Tensor>& metric) {
+  return merge_cuda_impl(keys, values, sizes, chunk_size, num_merge, metric, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_unchecked_cuda(
+    const at::Tensor& keys, const at::Tensor& values, const c10::optional<at::Tensor>& sizes,
+    int64_t chunk_size, int64_t num_merge, const c10::optional<at::Tensor>& metric) {
+  return merge_cuda_impl(keys, values, sizes, chunk_size, num_merge, metric, false);
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(centroidkv, CUDA, m) {
   m.impl("match", &cuda::match_cuda);
   m.impl("merge", &cuda::merge_cuda);
+  m.impl("_merge_unchecked", &cuda::merge_unchecked_cuda);
 }
 
 }  // namespace centroidkv

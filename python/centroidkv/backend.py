@@ -25,12 +25,16 @@ def has_kernel(op_name: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"centroidkv::{op_name}", key)
 
 
-def merge(keys: Tensor, values: Tensor, sizes: Optional[Tensor], chunk_size: int,
-          num_merge: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One clustering pass (SPEC.md) through the op, or the reference where the op is missing."""
-    if has_kernel("merge", keys.device.type):
-        return ops.merge(keys, values, sizes, chunk_size, num_merge)
-    return reference.merge(keys, values, sizes, chunk_size, num_merge)
+def merge(keys: Tensor, values: Tensor, sizes: Optional[Tensor], chunk_size: int, num_merge: int,
+          metric: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One clustering pass (SPEC.md) through the op, or the reference where the op is missing.
+
+    For the library's own callers, whose sizes are a cache's buffers or a previous pass's output:
+    the op variant that does not read the sizes back to check them (on CUDA that read is a device
+    sync, once per pass, in the middle of a prefill)."""
+    if has_kernel("_merge_unchecked", keys.device.type):
+        return torch.ops.centroidkv._merge_unchecked(keys, values, sizes, chunk_size, num_merge, metric)
+    return reference.merge(keys, values, sizes, chunk_size, num_merge, metric)
 
 
 def match(metric: Tensor, chunk_size: int, num_merge: int) -> Tensor:

@@ -137,6 +137,7 @@ class CentroidKVLayer(CacheLayerMixin):
         self._has_padding = False
         self._clustered_any = False  # until then every head has the same sizes (0/1 by padding)
         self._awaiting_info = False  # a multi-token call waits for its token scores to cluster
+        self._info_observed = False  # observe_tokens has written token scores
 
     # ----------------------------------------------------------------------------- lengths
     @property
@@ -271,8 +272,9 @@ class CentroidKVLayer(CacheLayerMixin):
     def mark_sliding(self, window: int) -> None:
         self.sliding_window, self.is_sliding = int(window), True
 
-    def mark_padding(self, new_token_mask: Tensor) -> None:
-        """new_token_mask [B, fresh]: 0 for padding among the tokens of the last update."""
+    def mark_padding(self, new_token_mask: Tensor, padded: Optional[bool] = None) -> None:
+        """new_token_mask [B, fresh]: 0 for padding among the tokens of the last update; padded:
+        whether it holds any 0, where the caller knows (else it is read from the mask)."""
         new = self._fresh
         # No dtype conversion: multiplying float sizes by an integer or bool mask promotes to float.
         mask = new_token_mask[:, -new:].to(device=self.device)
@@ -283,8 +285,8 @@ class CentroidKVLayer(CacheLayerMixin):
             index = (self.lengths_dev[:, None] - new + torch.arange(new, device=self.device))
             index = index[:, None, :].expand(-1, self.sizes.shape[1], -1)
             self.sizes.scatter_(2, index, self.sizes.gather(2, index) * mask[:, None, :].float())
-        if new > 1:  # one sync, only for multi-token steps (prefill): padding is dropped in settle
-            self._has_padding = self._has_padding or not bool(mask.all())
+        if new > 1:  # padding is dropped in settle; reading the mask is a sync (prefill only)
+            self._has_padding = self._has_padding or (not bool(mask.all()) if padded is None else padded)
 
     def observe(self, scores: Tensor) -> None:
         """Observation-window attention [B, H, L] over the current view, for the policy."""
@@ -311,7 +313,7 @@ class CentroidKVLayer(CacheLayerMixin):
         for row, length in enumerate(self.lengths):
             row_scores = scores[row] if real is None else scores[row][real[row].to(self.device)]
             self.info[row, :, length - row_scores.shape[0]:length] = row_scores
-        self._awaiting_info = False
+        self._awaiting_info, self._info_observed = False, True
         self._cluster()
         self._release_slack()  # settle ran before this clustering, so it freed nothing
 
@@ -443,7 +445,9 @@ class CentroidKVLayer(CacheLayerMixin):
     def _read(self, rows: list[int], start: int, stop: int) -> Segment:
         index = self._rows(rows)
         scores = None if self.scores is None else self.scores[index, :, start:stop]
-        info = None if self.info is None else self.info[index, :, start:stop]
+        # Token scores arrive only through centroidkv.prefill: until then there are none to rank
+        # by (None, so the policy does not read an all-zero buffer back to find that out).
+        info = None if self.info is None or not self._info_observed else self.info[index, :, start:stop]
         return Segment(self.keys[index, :, start:stop], self.values[index, :, start:stop],
                        self.sizes[index, :, start:stop], scores, info)
 

@@ -3,17 +3,17 @@
 Each pass follows SPEC.md ("One pass"); only the last pass may merge fewer than r sources per
 chunk: it merges the globally best-matched sources, exactly as many as the budget still needs,
 so that every policy can be compared at precisely the same cache length. Passes with a uniform
-r and the alternating partition use the registered `centroidkv.merge` op when it has a kernel
-for the device; everything else runs the pure-PyTorch path below.
+r and the alternating partition run one merge (backend.merge: the compiled op, or the reference
+where the device has none); everything else runs the pure-PyTorch path below.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import backend
 from .reference import EPS, segment_average
 
 PARTITIONS = ("alternating", "halves")
@@ -73,25 +73,14 @@ def plan_merge(metric: Tensor, chunk_size: int, num_merge: int, max_merged: Opti
     return slot, length - count
 
 
-@functools.lru_cache(maxsize=None)
-def _merge_op_available(device_type: str) -> bool:
-    """Whether torch.ops.centroidkv.merge has a kernel on this device type."""
-    try:
-        x = torch.zeros(1, 1, 2, 2, device=device_type)
-        torch.ops.centroidkv.merge(x, x, None, 2, 1, None)
-        return True
-    except (NotImplementedError, RuntimeError):
-        return False
-
-
 def merge_pass(keys: Tensor, values: Tensor, sizes: Tensor, chunk_size: int, num_merge: int,
                max_merged: Optional[int] = None, metric: Optional[Tensor] = None,
                partition: str = "alternating") -> tuple[Tensor, Tensor, Tensor]:
     """One pass of plan_merge applied to keys and values with size weights."""
     n = keys.shape[2] // chunk_size
     uniform = max_merged is None or n * num_merge <= max_merged
-    if uniform and partition == "alternating" and _merge_op_available(keys.device.type):
-        return torch.ops.centroidkv.merge(keys, values, sizes, chunk_size, num_merge, metric)
+    if uniform and partition == "alternating":
+        return backend.merge(keys, values, sizes, chunk_size, num_merge, metric)
     slots, out_len = plan_merge(keys if metric is None else metric, chunk_size, num_merge,
                                 max_merged, partition)
     new_sizes = torch.zeros(*sizes.shape[:2], out_len, device=sizes.device).scatter_add_(-1, slots, sizes)

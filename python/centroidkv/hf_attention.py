@@ -24,6 +24,8 @@ that is not a leading run.
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -35,9 +37,24 @@ from .cache import active_layer
 from .prefill_attention import leading_padding, prefill_attention
 
 NAME = "centroidkv"
+_PADDING_MEMO = threading.local()
 # Query blocks up to this long use the attention op (decoding, short continuations); longer ones
 # (prefill) use SDPA, whose fused kernels are built for long query blocks.
 OP_MAX_QUERIES = 16
+
+
+def new_token_padding(attention_mask: Optional[Tensor], queries: int, batch: int) -> Optional[list[int]]:
+    """leading_padding of the mask's last `queries` columns. Every layer of a forward receives
+    the same mask tensor, so it is computed (one device-to-host copy) once per forward."""
+    if attention_mask is None:
+        return [0] * batch
+    key = (queries, attention_mask._version)  # the version counter: an in-place change misses
+    memo = getattr(_PADDING_MEMO, "last", None)
+    if memo is not None and memo[0]() is attention_mask and memo[1] == key:
+        return memo[2]
+    padding = leading_padding(attention_mask[:, -queries:], batch)
+    _PADDING_MEMO.last = (weakref.ref(attention_mask), key, padding)
+    return padding
 
 
 def padding_mask_passthrough(*args, attention_mask: Optional[Tensor] = None, **kwargs) -> Optional[Tensor]:
@@ -138,11 +155,13 @@ def centroidkv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
     batch, _, queries, dim = query.shape
     scale = float(scaling) if scaling is not None else dim ** -0.5
     layer = active_layer(key)
+    # Leading padding of each row's new tokens (None: not a leading run); prompt blocks only.
+    padding = new_token_padding(attention_mask, queries, batch) if queries > 1 else None
     if layer is not None:
         if sliding_window is not None:
             layer.mark_sliding(sliding_window)
         if attention_mask is not None:
-            layer.mark_padding(attention_mask[:, -queries:])
+            layer.mark_padding(attention_mask[:, -queries:], None if queries == 1 else padding != [0] * batch)
         sizes, lengths, heads_alike = layer.attention_inputs()
     else:  # no CentroidKVCache (a stock cache or none): every key is an original token
         sizes, lengths = stock_cache_inputs(attention_mask, kwargs.get("position_ids"), batch, key.shape[2],
@@ -156,8 +175,8 @@ def centroidkv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
         op_sizes = sizes.expand(batch, key.shape[1], -1) if sizes.shape[1] != key.shape[1] else sizes
         out = torch.ops.centroidkv.attention(query, key, value, op_sizes, scale, lengths)
     elif sliding_window is None and softcap is None:
-        new_mask = attention_mask[:, -queries:] if attention_mask is not None else None
-        padding = leading_padding(new_mask, batch)
+        if queries == 1:  # a decode step where the op is missing: one token, nothing to slice
+            padding = [0] * batch if attention_mask is None else None
         if padding is not None:
             # A CentroidKVLayer dropped earlier padding, so its unclustered slots all have size 1.
             all_ones = sizes is None or (layer is not None and heads_alike)

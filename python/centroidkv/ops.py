@@ -179,6 +179,10 @@ def _merge_fake(keys, values, sizes, chunk_size, num_merge, metric=None):
     )
 
 
+# The internal variant for sizes the library produced itself has the same shapes and checks.
+torch.library.register_fake("centroidkv::_merge_unchecked")(_merge_fake)
+
+
 @torch.library.register_fake("centroidkv::attention")
 def _attention_fake(q, k, v, sizes, scale, lengths=None):
     op = "centroidkv.attention"
