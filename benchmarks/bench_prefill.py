@@ -8,7 +8,8 @@ Variants (each a real forward of the whole prompt, logits of the last position o
   ckv_<r>_scored    centroidkv.prefill: also the per-token surprisal pass (token-score policies)
 With --chunk C, stock_chunked and ckv_<r>_chunked feed the prompt in blocks of C tokens (a
 block over clustered slots takes the split attention path). Reps interleave the variants; a
-first round warms up (before the first context only). Peak memory is the CUDA allocator's peak above the model (CPU: not measured).
+first round warms up (before the first context only). Peak memory is the CUDA allocator's peak
+above the model (CPU: not measured).
 
     python benchmarks/bench_prefill.py --model smollm2 --contexts 8192 --json out.json   # CPU
     python benchmarks/bench_prefill.py --model 8b --contexts 32768 131072                   # GPU
@@ -33,10 +34,9 @@ from e2e_common import GB, log  # noqa: E402
 def load(name: str, device, max_positions: int):
     if name in ("8b", "tiny"):
         shape = common.LLAMA3_8B if name == "8b" else common.TINY
-        return common.build_model(shape, device, shape.dtype, max_positions), shape.vocab
+        return common.build_model(shape, device, shape.dtype, max_positions)
     from centroidkv.eval.model import load_model
-    loaded = load_model(name, device=str(device))
-    return loaded.model, loaded.model.config.vocab_size
+    return load_model(name, device=str(device)).model
 
 
 def variant_names(ratio: float, chunk) -> list[str]:
@@ -74,11 +74,11 @@ def run_variant(variant: str, model, tokens, args, device) -> float:
         common.release(device)
 
 
-def measure(context: int, model, vocab: int, args, device, warmup: bool) -> dict:
+def measure(context: int, model, args, device, warmup: bool) -> dict:
     variants = [v for v in variant_names(args.ratio, args.chunk) if not args.variants or v in args.variants + ["stock", "ckv_off"]]
     if args.long_context and context > args.long_context:  # the costly contexts: the main three
         variants = [v for v in variants if v in ("stock", "ckv_off", f"ckv_{args.ratio:g}")]
-    tokens = torch.randint(vocab, (args.batch, context), device=device)
+    tokens = torch.randint(model.config.vocab_size, (args.batch, context), device=device)
     times = {v: [] for v in variants}
     peak = {}
     cuda = device.type == "cuda"
@@ -139,16 +139,14 @@ def main(argv=None, model=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = common.pick_device(args.device)
-    vocab = None
     if model is None:
-        model, vocab = load(args.model, device, max(args.contexts) + 64)
-    vocab = vocab or model.config.vocab_size
+        model = load(args.model, device, max(args.contexts) + 64)
     env = common.environment(device)
     log(f"{env['device']}: prefill of {args.contexts} tokens, B={args.batch}, policy {args.policy}")
     rows = []
     for i, context in enumerate(args.contexts):
         try:  # one warm-up round, before the first context (kernels and allocator are warm after it)
-            rows.append(measure(context, model, vocab, args, device, warmup=i == 0))
+            rows.append(measure(context, model, args, device, warmup=i == 0))
         except Exception as error:  # noqa: BLE001 - the other contexts still run
             if not common.is_oom(error):
                 raise

@@ -43,9 +43,9 @@ def process_libstdcxx() -> str | None:
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
-                path = line.split()[-1] if len(line.split()) >= 6 else ""
-                if os.path.basename(path).startswith("libstdc++.so"):
-                    return path
+                fields = line.split()
+                if len(fields) >= 6 and os.path.basename(fields[-1]).startswith("libstdc++.so"):
+                    return fields[-1]
     except OSError:
         pass
     return None

@@ -155,8 +155,9 @@ def centroidkv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
     batch, _, queries, dim = query.shape
     scale = float(scaling) if scaling is not None else dim ** -0.5
     layer = active_layer(key)
-    # Leading padding of each row's new tokens (None: not a leading run); prompt blocks only.
-    padding = new_token_padding(attention_mask, queries, batch) if queries > 1 else None
+    # Leading padding of each row's new tokens (None: not a leading run, or a masked decode step,
+    # which needs none and must not read the mask back).
+    padding = new_token_padding(attention_mask, queries, batch) if queries > 1 or attention_mask is None else None
     if layer is not None:
         if sliding_window is not None:
             layer.mark_sliding(sliding_window)
@@ -174,13 +175,10 @@ def centroidkv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
     if use_op:
         op_sizes = sizes.expand(batch, key.shape[1], -1) if sizes.shape[1] != key.shape[1] else sizes
         out = torch.ops.centroidkv.attention(query, key, value, op_sizes, scale, lengths)
-    elif sliding_window is None and softcap is None:
-        if queries == 1:  # a decode step where the op is missing: one token, nothing to slice
-            padding = [0] * batch if attention_mask is None else None
-        if padding is not None:
-            # A CentroidKVLayer dropped earlier padding, so its unclustered slots all have size 1.
-            all_ones = sizes is None or (layer is not None and heads_alike)
-            out = prefill_attention(query, key, value, scale, sizes, lengths, all_ones, padding)
+    elif sliding_window is None and softcap is None and padding is not None:
+        # A CentroidKVLayer dropped earlier padding, so its unclustered slots all have size 1.
+        all_ones = sizes is None or (layer is not None and heads_alike)
+        out = prefill_attention(query, key, value, scale, sizes, lengths, all_ones, padding)
     if out is None:
         bias_sizes = sizes[:, :1] if (sizes is not None and heads_alike) else sizes
         bias = build_bias(bias_sizes, lengths, batch, queries, key.shape[2], sliding_window,

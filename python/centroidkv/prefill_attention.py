@@ -77,8 +77,5 @@ def prefill_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, s
             block = attention_lse.attend(q, k[:, :, start + pad:length], v[:, :, start + pad:length], scale,
                                          causal=True)
             result = attention_lse.merge([prefix, block])
-        if isinstance(index, slice):
-            out[:, :, pad:] = result
-        else:
-            out[index, :, pad:] = result
+        out[index, :, pad:] = result
     return out
