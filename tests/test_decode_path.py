@@ -34,11 +34,12 @@ def _step(cache, tokens, mask, module):
     return outputs
 
 
+@pytest.mark.parametrize("static", [False, True])  # host-driven, or the captured path run eagerly
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("ratio", [0.0, 0.75])
-def test_no_cluster_decode_step_makes_no_host_sync(monkeypatch, ratio, padded):
+def test_no_cluster_decode_step_makes_no_host_sync(monkeypatch, ratio, padded, static):
     batch, prompt, steps = 3, 150, 90
-    cache = CentroidKVCache(ratio=ratio, recent=16, chunk_size=8)
+    cache = CentroidKVCache(ratio=ratio, recent=16, chunk_size=8, max_cache_len=prompt + steps if static else None)
     module = _Module().eval()
     mask = torch.ones(batch, prompt + steps, dtype=torch.long)
     if padded:  # left padding of different widths: rows end up with different slot counts

@@ -7,7 +7,6 @@ the fallback is one explicit place, not a pattern scattered through the cache co
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -16,9 +15,19 @@ from torch import Tensor
 from . import ops, reference
 
 
-@functools.lru_cache(maxsize=None)
+_HAS_KERNEL: dict[tuple[str, str], bool] = {}
+
+
 def has_kernel(op_name: str, device_type: str) -> bool:
     """Whether torch.ops.centroidkv.<op_name> has a kernel for the device type ("cpu", "cuda")."""
+    known = _HAS_KERNEL.get((op_name, device_type))  # a dict read: traceable by torch.compile
+    if known is None:
+        known = _HAS_KERNEL[(op_name, device_type)] = _dispatcher_has_kernel(op_name, device_type)
+    return known
+
+
+@torch.compiler.assume_constant_result  # a compiled graph asks the dispatcher once, at trace time
+def _dispatcher_has_kernel(op_name: str, device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False

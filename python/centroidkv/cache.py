@@ -35,6 +35,13 @@ holds its live slots left-aligned in [0, lengths[b]):
   the new keys, values and sizes and O(1) Python; settle decides from one integer (tokens left
   before any row has a whole block past its window or exceeds its budget) that there is nothing
   to do. Such steps make no host-device synchronisation; tests/test_decode_path.py checks that.
+- Captured decode steps (max_cache_len given): the buffers are sized once for that many tokens
+  (the slots they cluster into, not one slot per token) and never move while decoding. A decode
+  step writes at device-side lengths, returns the whole buffers and reads no host counter, so a
+  compiled forward (torch.compile fullgraph, CUDA graphs) replays it unchanged; the attention
+  reads the lengths on the device. The host part (counters, clustering the block that left the
+  window, moving slots in place) runs between steps: `CentroidKVCache.settle()`, which
+  transformers' generate() reaches through the mask creation before each step.
 - Sliding-window layers (Gemma-3's local layers, Mistral/Qwen2 with a window): never clustered;
   they keep their window exact and drop tokens older than the window (in steps of one chunk), as
   transformers' sliding cache does. The attention implementation tells the layer its window.
@@ -43,6 +50,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import math
 import threading
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -53,12 +62,23 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .arguments import as_float, as_int
 from .policies import Policy, Segment, validate_policy
+from .slot_storage import SlotStorage, round_up
 
 # The layer whose update() ran last in this thread and the key view it returned: the attention
 # function receives that very tensor and so finds the layer's sizes without a model change.
 _ACTIVE = threading.local()
 
-_ALIGN = 16  # capacity granularity (slots)
+# Tokens a captured step may append before CentroidKVCache.settle must run (free slots kept).
+CAPTURE_HEADROOM = 1
+_LOG = logging.getLogger("centroidkv")
+_NOTED: set = set()
+
+
+def note_once(message: str) -> None:
+    """Logs a performance note once per process (a slower path was taken, and why)."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        _LOG.warning(message)
 
 
 def active_layer(keys: Tensor) -> Optional["CentroidKVLayer"]:
@@ -69,10 +89,6 @@ def active_layer(keys: Tensor) -> Optional["CentroidKVLayer"]:
     return None
 
 
-def _round_up(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
-
-
 @dataclass(frozen=True)
 class CacheOptions:
     ratio: float
@@ -81,6 +97,7 @@ class CacheOptions:
     sink: int
     recent: int
     policy: Policy
+    max_cache_len: Optional[int] = None
 
     @functools.cached_property  # read on every decode step; computed once
     def block(self) -> int:
@@ -89,6 +106,12 @@ class CacheOptions:
     @property
     def clusters(self) -> bool:
         return self.ratio > 0 or self.budget is not None
+
+    @property
+    def captures(self) -> bool:
+        """Static buffers for captured decode steps: a token horizon is known, and the policy
+        needs no per-step Python (accumulating policies update scores on every step)."""
+        return self.max_cache_len is not None and not self.policy.accumulate_scores
 
 
 class TokenScoreGate:
@@ -102,122 +125,75 @@ class KVMemory(NamedTuple):
     per_layer: list  # bytes per layer
 
 
-class CentroidKVLayer(CacheLayerMixin):
-    """One decoder layer's clustered cache (see the module docstring for the layout)."""
+class CentroidKVLayer(SlotStorage, CacheLayerMixin):
+    """One decoder layer's clustered cache: storage (slot_storage.py) plus the clustering schedule
+    (see the module docstring for the layout)."""
 
-    is_compileable = False
     is_croppable = False
 
     def __init__(self, options: CacheOptions, gate: Optional[TokenScoreGate] = None):
-        super().__init__()
+        CacheLayerMixin.__init__(self)
+        policy = options.policy
+        SlotStorage.__init__(self, with_scores=options.clusters and policy.score_window > 0,
+                             with_info=options.clusters and policy.token_scores, static=options.captures)
         self.options = options
         self.gate = gate if gate is not None else TokenScoreGate()
         self._clear()
 
+    @property
+    def is_compileable(self) -> bool:
+        return self.static
+
     def _clear(self):
+        self._clear_storage()
         self.is_sliding = False
         self.sliding_window: Optional[int] = None  # set by the attention of a sliding-window layer
-        self.keys = self.values = self.sizes = self.scores = self.info = None
-        self.is_initialized = False
-        self.seen = 0  # token columns seen: the uncompressed length
-        # Live slots per row: `_lengths` plus `_appended` (decode steps add to every row, which
-        # then costs one integer add instead of a pass over the rows). See the `lengths` property.
-        self._lengths: list[int] = []
-        self._appended = 0
-        self._max_len = 0  # max(lengths), kept up to date in O(1)
-        self._uniform = True  # every row holds the same number of slots
-        self._lengths_dev: Optional[Tensor] = None  # lengths on the device; None: rebuild on demand
         # Tokens that can still be appended to every row before `settle` has work to do (a block
         # to cluster, a budget to enforce); negative: check every row at the next settle.
         self._quiet = -1
         self.head_end: list[int] = []  # end of [sink | clustered] per row
-        self._row_index = None  # (rows, device index tensor) of the last row group moved
         self._fresh = 0  # tokens appended by the last update
         self._dirty = False  # appended but not yet settled
+        self._unattended = False  # a captured step the "centroidkv" attention has not read yet
+        self._captured = False  # the last update was a captured step (whole buffers returned)
         self._has_padding = False
         self._clustered_any = False  # until then every head has the same sizes (0/1 by padding)
         self._awaiting_info = False  # a multi-token call waits for its token scores to cluster
         self._info_observed = False  # observe_tokens has written token scores
 
-    # ----------------------------------------------------------------------------- lengths
-    @property
-    def lengths(self) -> list[int]:
-        """Live slots per row (a list of ints; assign a new list to change it)."""
-        if self._appended:
-            self._lengths = [n + self._appended for n in self._lengths]
-            self._appended = 0
-        return self._lengths
-
-    @lengths.setter
-    def lengths(self, value) -> None:
-        self._lengths, self._appended = [int(n) for n in value], 0
-        self._max_len = max(self._lengths, default=0)
-        self._uniform = min(self._lengths, default=0) == self._max_len
-        self._lengths_dev = None
+    def lengths_changed(self) -> None:
         self._quiet = -1
 
-    @property
-    def lengths_dev(self) -> Optional[Tensor]:
-        """Live slots per row as an int64 tensor on the cache's device."""
-        if self._lengths_dev is None and self.is_initialized:
-            if self._uniform:  # a fill on the device, no host-to-device copy
-                self._lengths_dev = torch.full((len(self._lengths),), self._max_len, dtype=torch.int64,
-                                               device=self.device)
-            else:
-                self._lengths_dev = torch.tensor(self.lengths, dtype=torch.int64, device=self.device)
-        return self._lengths_dev
-
-    # ----------------------------------------------------------------------------- buffers
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        self.device, self.dtype = key_states.device, key_states.dtype
-        batch = key_states.shape[0]
-        self._allocate(batch, key_states.shape[1], key_states.shape[3], value_states.shape[3],
-                       _round_up(key_states.shape[2] + self.options.block))
-        self.is_initialized = True
-        self.lengths, self.head_end = [0] * batch, [0] * batch
+        capacity = key_states.shape[2] + self.options.block
+        if self.static:  # once for the generation (the prompt is clustered after it is written)
+            capacity = max(capacity, self._slot_bound() + CAPTURE_HEADROOM)
+        self.initialize(key_states, value_states, round_up(capacity))
+        self.head_end = [0] * key_states.shape[0]
 
-    def _allocate(self, batch, heads, key_dim, value_dim, capacity):
-        # Zero-filled, not empty: slots past a row's length are read (with size 0) and must be
-        # finite, since 0 * NaN would poison the attention.
-        zeros = dict(device=self.device)
-        self.keys = torch.zeros(batch, heads, capacity, key_dim, dtype=self.dtype, **zeros)
-        self.values = torch.zeros(batch, heads, capacity, value_dim, dtype=self.dtype, **zeros)
-        self.sizes = torch.zeros(batch, heads, capacity, dtype=torch.float32, **zeros)
-        if self.options.clusters and self.options.policy.score_window > 0:  # else never read
-            self.scores = torch.zeros(batch, heads, capacity, dtype=torch.float32, **zeros)
-        if self.options.clusters and self.options.policy.token_scores:
-            # per head: after clustering, heads hold different tokens
-            self.info = torch.zeros(batch, heads, capacity, dtype=torch.float32, **zeros)
-
-    def _buffers(self) -> list[Tensor]:
-        return [b for b in (self.keys, self.values, self.sizes, self.scores, self.info) if b is not None]
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[2]
-
-    def _resize(self, capacity: int) -> None:
-        old = self._buffers()
-        used = self._max_len
-        batch, heads = self.keys.shape[:2]
-        self._allocate(batch, heads, self.keys.shape[3], self.values.shape[3], capacity)
-        for new, prev in zip(self._buffers(), old):
-            new[:, :, :used].copy_(prev[:, :, :used])
-
-    def memory_bytes(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return sum(b.numel() * b.element_size() for b in self._buffers())
+    def _slot_bound(self) -> int:
+        """Live slots a row can hold after options.max_cache_len tokens (static buffers' size)."""
+        opts = self.options
+        tokens = opts.max_cache_len
+        if self.sliding_window is not None:  # the window plus at most a chunk before a trim
+            return min(tokens, self.sliding_window - 1 + opts.chunk_size)
+        if not opts.clusters:
+            return tokens
+        exact = opts.sink + opts.recent + opts.block  # never clustered
+        bound = exact + math.ceil(max(tokens - exact, 0) * (1 - opts.ratio)) + opts.block
+        if opts.budget is not None:
+            bound = min(bound, max(opts.budget, opts.sink + opts.chunk_size + opts.recent + opts.block) + opts.block)
+        return min(bound, tokens)
 
     # ----------------------------------------------------------------------------- append
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Appends the new tokens in place; returns the key and value views the attention reads."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif self._dirty:
-            # The attention did not settle the previous step: not the "centroidkv" implementation,
-            # which alone reads the cluster sizes (another one would silently attend to centroids
-            # as if each were one token).
+        elif self._dirty or self._unattended:
+            # The attention did not settle (or, for a captured step, read) the previous step: not
+            # the "centroidkv" implementation, which alone reads the cluster sizes (another one
+            # would silently attend to centroids as if each were one token).
             if self.options.clusters:
                 raise RuntimeError("CentroidKVCache: load the model with attn_implementation='centroidkv'; "
                                    "other attention implementations ignore the cluster sizes")
@@ -230,42 +206,32 @@ class CentroidKVLayer(CacheLayerMixin):
         if got != held:  # another model, or a dtype change, on a cache that holds tokens
             raise ValueError(f"CentroidKVCache: this layer holds (KV heads, key dim, value dim, dtype) = {held}, "
                              f"got {got}; use one cache per model and dtype (reset() empties it)")
-        used = self._max_len
-        if used + new > self.capacity:
-            self._resize(max(_round_up(used + new + self.options.block), _round_up(self.capacity * 5 // 4)))
-        if self._uniform:  # every row at the same length: plain slices, O(1) Python
-            self.keys[:, :, used:used + new].copy_(key_states)
-            self.values[:, :, used:used + new].copy_(value_states)
-            self.sizes[:, :, used:used + new].fill_(1.0)
-            for buf in (self.scores, self.info):
-                if buf is not None:
-                    buf[:, :, used:used + new].fill_(0.0)
-            self._lengths_dev = None  # not needed by the attention while rows are alike
+        captured = self.static and new <= CAPTURE_HEADROOM
+        if captured and self.pending + new > CAPTURE_HEADROOM:
+            raise RuntimeError("CentroidKVCache: call cache.settle() between captured decode steps "
+                               "(generate() does)")
+        self._captured = self._unattended = captured
+        if captured:
+            # A decode step: no host counter is read (they change every step, and a graph would
+            # be specialised on them); settle or CentroidKVCache.settle applies it afterwards.
+            self.append_captured(key_states, value_states)
+            keys, values = self.keys, self.values
         else:
-            index = self.lengths_dev[:, None] + torch.arange(new, device=self.device)  # [B, new]
-            for buf, data in ((self.keys, key_states), (self.values, value_states)):
-                buf.scatter_(2, index[:, None, :, None].expand_as(data), data)
-            per_slot = index[:, None, :].expand(batch, self.sizes.shape[1], new)
-            self.sizes.scatter_(2, per_slot, 1.0)
-            if self.scores is not None:
-                self.scores.scatter_(2, per_slot, 0.0)
-            if self.info is not None:
-                self.info.scatter_(2, per_slot, 0.0)
-            self.lengths_dev.add_(new)  # in place on the device
-        self._appended += new
-        self._max_len += new
-        self._quiet -= new
-        self.seen += new
-        self._fresh, self._dirty = new, True
-        view = self._max_len
-        keys, values = self.keys[:, :, :view], self.values[:, :, :view]
+            self.settle()  # captured steps still pending (a no-op otherwise)
+            self.append(key_states, value_states, self.options.block)
+            self._quiet -= new
+            self._fresh, self._dirty = new, True
+            keys, values = self.keys[:, :, :self._max_len], self.values[:, :, :self._max_len]
         _ACTIVE.layer, _ACTIVE.keys = self, keys
         return keys, values
 
     # ------------------------------------------------ calls from the attention implementation
-    def attention_inputs(self) -> tuple[Tensor, Tensor, bool]:
+    def attention_inputs(self) -> tuple[Tensor, Optional[Tensor], bool]:
         """(sizes [B, H, L], lengths [B] or None when every row holds all L slots, whether all
         heads' sizes are alike) for the views returned by the last update."""
+        self._unattended = False
+        if self._captured:  # whole buffers; slots past each row's length have size 0
+            return self.sizes, self.lengths_dev, not self._clustered_any
         lengths = None if self._uniform else self.lengths_dev
         return self.sizes[:, :, :self._max_len], lengths, not self._clustered_any
 
@@ -273,21 +239,20 @@ class CentroidKVLayer(CacheLayerMixin):
         self.sliding_window, self.is_sliding = int(window), True
 
     def mark_padding(self, new_token_mask: Tensor, padded: Optional[bool] = None) -> None:
-        """new_token_mask [B, fresh]: 0 for padding among the tokens of the last update; padded:
+        """new_token_mask [B, new]: 0 for padding among the tokens of the last update; padded:
         whether it holds any 0, where the caller knows (else it is read from the mask)."""
-        new = self._fresh
+        new = new_token_mask.shape[1]
         # No dtype conversion: multiplying float sizes by an integer or bool mask promotes to float.
-        mask = new_token_mask[:, -new:].to(device=self.device)
-        used = self._max_len
-        if self._uniform:
-            self.sizes[:, :, used - new:used].mul_(mask[:, None, :])
-        else:
+        mask = new_token_mask.to(device=self.device)
+        if self._captured or not self._uniform:
             index = (self.lengths_dev[:, None] - new + torch.arange(new, device=self.device))
             index = index[:, None, :].expand(-1, self.sizes.shape[1], -1)
             self.sizes.scatter_(2, index, self.sizes.gather(2, index) * mask[:, None, :].float())
+        else:
+            used = self._max_len
+            self.sizes[:, :, used - new:used].mul_(mask[:, None, :])
         if new > 1:  # padding is dropped in settle; reading the mask is a sync (prefill only)
             self._has_padding = self._has_padding or (not bool(mask.all()) if padded is None else padded)
-
     def observe(self, scores: Tensor) -> None:
         """Observation-window attention [B, H, L] over the current view, for the policy."""
         if self.scores is None:
@@ -315,11 +280,22 @@ class CentroidKVLayer(CacheLayerMixin):
             self.info[row, :, length - row_scores.shape[0]:length] = row_scores
         self._awaiting_info, self._info_observed = False, True
         self._cluster()
-        self._release_slack()  # settle ran before this clustering, so it freed nothing
+        self._fit_capacity()  # settle ran before this clustering, so it freed nothing
 
     # ----------------------------------------------------------------------------- settle
-    def settle(self) -> None:
-        """Drops padding, then clusters (or, for sliding layers, trims) what left the window."""
+    def settle(self, between_steps: bool = False) -> None:
+        """Applies captured steps, drops padding, then clusters (or, for sliding layers, trims)
+        what left the window. Host work: a captured graph skips it; CentroidKVCache.settle runs it
+        between steps (between_steps=True)."""
+        if torch.compiler.is_compiling():
+            return
+        captured = self.absorb_pending()
+        if captured:
+            self._quiet -= captured
+            self._fresh, self._dirty = captured, True
+            if self.device.type == "cuda" and not between_steps:
+                note_once("CentroidKVCache: decode steps run eagerly (the static buffers are ready for "
+                          "capture: generate() compiles them when the model is not compiled otherwise)")
         if not self._dirty:
             return
         self._dirty = False
@@ -335,13 +311,23 @@ class CentroidKVLayer(CacheLayerMixin):
         else:
             self._awaiting_info = False
             self._cluster()
-        if not self._uniform and self._lengths_dev is None:
+        self._fit_capacity()
+        if (self.static or not self._uniform) and self._lengths_dev is None:
             _ = self.lengths_dev  # rebuild on this step, which already did work, not the next one
-        self._release_slack()
 
-    def _release_slack(self) -> None:
-        """Reallocates buffers much larger than the live slots need, so memory is really freed."""
-        target = _round_up(self._max_len + self.options.block + 1)
+    def _fit_capacity(self) -> None:
+        """Frees memory the live slots no longer need; static buffers keep their size for the
+        whole generation (a captured graph holds their addresses) unless they must grow."""
+        if self.static:
+            target = round_up(max(self._slot_bound(), self._max_len) + CAPTURE_HEADROOM)
+            if self.capacity < self._max_len + CAPTURE_HEADROOM:
+                note_once(f"CentroidKVCache: more slots than max_cache_len={self.options.max_cache_len} "
+                          "tokens allow; the buffers grow (captured decode steps are compiled again)")
+                self._resize(round_up(self._max_len + CAPTURE_HEADROOM + self.options.block))
+            elif self.capacity > target * 3 // 2:
+                self._resize(target)
+            return
+        target = round_up(self._max_len + self.options.block + 1)
         if self.capacity > target * 3 // 2:
             self._resize(target)
 
@@ -417,74 +403,26 @@ class CentroidKVLayer(CacheLayerMixin):
             self._replace(rows, 0, length - keep, empty)
 
     def _drop_padding(self) -> None:
-        """Moves every row's live slots (size > 0) to the front, in order."""
-        used = self._max_len
-        live = self.sizes[:, 0, :used] > 0  # padding is per row, the same for every head
-        order = torch.argsort((~live).to(torch.int8), dim=1, stable=True)
-        for buf in self._buffers():
-            index = order[:, None, :].expand(buf.shape[0], buf.shape[1], used)
-            if buf.dim() == 4:
-                index = index[..., None].expand(-1, -1, -1, buf.shape[3])
-            buf[:, :, :used] = buf[:, :, :used].gather(2, index)
-        counts = live.cumsum(1).cpu()  # one device-to-host copy (prefill with padding only)
+        counts = self.drop_padding()
         self.head_end = [int(counts[row, end - 1]) if end > 0 else 0 for row, end in enumerate(self.head_end)]
-        self.lengths = counts[:, -1].tolist()  # padding (size 0) now sits past each row's length
-
-    # ------------------------------------------------------------------ row-group slot moves
-    def _rows(self, rows: list[int]):
-        """Index of `rows` into the batch: a slice when all, else a device tensor (one host-to-device
-        copy, made once per row group and shared by its _read and _replace)."""
-        if len(rows) == len(self._lengths):
-            return slice(None)
-        key = tuple(rows)
-        cached = self._row_index
-        if cached is None or cached[0] != key:
-            cached = self._row_index = (key, torch.tensor(rows, device=self.device))
-        return cached[1]
 
     def _read(self, rows: list[int], start: int, stop: int) -> Segment:
-        index = self._rows(rows)
-        scores = None if self.scores is None else self.scores[index, :, start:stop]
         # Token scores arrive only through centroidkv.prefill: until then there are none to rank
         # by (None, so the policy does not read an all-zero buffer back to find that out).
-        info = None if self.info is None or not self._info_observed else self.info[index, :, start:stop]
-        return Segment(self.keys[index, :, start:stop], self.values[index, :, start:stop],
-                       self.sizes[index, :, start:stop], scores, info)
+        return Segment(*self.read(rows, start, stop, with_info=self._info_observed))
 
     def _replace(self, rows: list[int], start: int, stop: int, segment: Segment) -> None:
-        """Slots [start, stop) of `rows` (all of one length) become `segment`; the rest moves."""
-        index = self._rows(rows)
-        length = self.lengths[rows[0]]
-        end = start + segment.length
-        new_length = end + length - stop
-        if segment.length > stop - start:
-            raise ValueError("CentroidKVCache: a policy returned more slots than it was given")
-        scores = segment.scores
-        if self.scores is not None and scores is None:
-            scores = torch.zeros_like(segment.sizes)
-        pieces = [(self.keys, segment.keys), (self.values, segment.values), (self.sizes, segment.sizes)]
-        if self.scores is not None:
-            pieces.append((self.scores, scores))
-        if self.info is not None:
-            info = segment.info
-            pieces.append((self.info, info if info is not None else torch.zeros_like(segment.sizes)))
-        for buf, data in pieces:
-            tail = buf[index, :, stop:length].clone()
-            buf[index, :, start:end] = data.to(buf.dtype)
-            buf[index, :, end:new_length] = tail
-        for buf in (self.sizes, self.scores, self.info):
-            if buf is not None:
-                buf[index, :, new_length:length] = 0.0
-        lengths = self.lengths
-        for row in rows:
-            lengths[row] = new_length
-        self.lengths = lengths  # the device copy is rebuilt when the attention next needs it
+        self.replace(rows, start, stop, segment.keys, segment.values, segment.sizes, segment.scores, segment.info)
 
     # --------------------------------------------------------------- transformers' interface
-    def get_seq_length(self) -> int:
-        return self.seen
+    def get_seq_length(self):
+        if torch.compiler.is_compiling() and self.seen_dev is not None:
+            return self.seen_dev  # a device scalar: positions derived from it need no graph change
+        return self.seen + self.pending
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.static:  # the attention reads only the new tokens' columns (fixed width)
+            return query_length, 0
         return self.seen + query_length, 0
 
     def get_max_length(self) -> int:
@@ -497,18 +435,12 @@ class CentroidKVLayer(CacheLayerMixin):
         raise NotImplementedError("CentroidKVCache cannot be cropped: clustered tokens cannot be separated again")
 
     def _select_rows(self, index: Tensor) -> None:
-        if not self.is_initialized:
-            return
-        index = index.to(self.device)
-        self.keys, self.values, self.sizes = (b.index_select(0, index) for b in (self.keys, self.values, self.sizes))
-        if self.scores is not None:
-            self.scores = self.scores.index_select(0, index)
-        if self.info is not None:
-            self.info = self.info.index_select(0, index)
-        picks = index.tolist()
-        lengths = self.lengths
-        self.lengths = [lengths[i] for i in picks]
-        self.head_end = [self.head_end[i] for i in picks]
+        if self.is_initialized:
+            self.settle(between_steps=True)
+            picks = self.select_rows(index)
+            self.head_end = [self.head_end[i] for i in picks]
+            if self.static:
+                _ = self.lengths_dev
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)
@@ -534,12 +466,17 @@ class CentroidKVCache(Cache):
         recent: most recent tokens kept exact (the window holds recent .. recent + block - 1).
         policy: a centroidkv.policies.Policy; default ProtectedClustering (the evaluation's
             choice, README); PlainClustering() is the paper's.
+        max_cache_len: tokens (prompt + new) the cache will see, as for transformers'
+            StaticCache. Given, the buffers are sized once (for the slots that many tokens
+            cluster into) and decode steps can be captured: generate() compiles them on a GPU.
+            More tokens still work; the buffers then grow and the captured step is rebuilt.
 
     Needs the model loaded with attn_implementation="centroidkv" (import centroidkv first).
     """
 
     def __init__(self, ratio: Optional[float] = None, *, budget: Optional[int] = None, chunk_size: int = 32,
-                 sink: int = 4, recent: int = 64, policy: Optional[Policy] = None):
+                 sink: int = 4, recent: int = 64, policy: Optional[Policy] = None,
+                 max_cache_len: Optional[int] = None):
         owner = "CentroidKVCache"
         if ratio is None:
             ratio = 0.0 if budget is not None else 0.75
@@ -547,6 +484,7 @@ class CentroidKVCache(Cache):
         chunk_size, sink, recent = (as_int(owner, name, value) for name, value in
                                     (("chunk_size", chunk_size), ("sink", sink), ("recent", recent)))
         budget = None if budget is None else as_int(owner, "budget", budget)
+        max_cache_len = None if max_cache_len is None else as_int(owner, "max_cache_len", max_cache_len)
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"CentroidKVCache: ratio must be in [0, 1), got {ratio!r}")
         if chunk_size < 2 or chunk_size % 2:
@@ -557,9 +495,37 @@ class CentroidKVCache(Cache):
         if budget is not None and budget < sink + recent + chunk_size:
             raise ValueError(f"CentroidKVCache: budget must be an integer >= sink + recent + chunk_size "
                              f"= {sink + recent + chunk_size}, got {budget!r}")
+        if max_cache_len is not None and max_cache_len < 1:
+            raise ValueError(f"CentroidKVCache: max_cache_len must be an integer >= 1, got {max_cache_len!r}")
         super().__init__(layers=[])
-        self.options = CacheOptions(ratio, budget, chunk_size, sink, recent, validate_policy(policy))
+        policy = validate_policy(policy)
+        self.options = CacheOptions(ratio, budget, chunk_size, sink, recent, policy, max_cache_len)
         self.token_score_gate = TokenScoreGate()
+        if max_cache_len is not None and not self.options.captures:
+            note_once(f"CentroidKVCache: {type(policy).__name__} updates token scores on every decode step; "
+                      "decode steps run eagerly (not captured)")
+
+    @property
+    def is_compileable(self) -> bool:
+        """Whether decode steps can be captured (transformers' generate() then compiles them on a
+        GPU). Known before the first forward, unlike the layers, which are made lazily."""
+        return self.options.captures
+
+    def settle(self) -> None:
+        """Applies what captured decode steps left to the host: counters, and the clustering (or
+        sliding-window trim) of what left the recent window, moving slots in place. Run it
+        between compiled decode steps; generate() does so through get_mask_sizes."""
+        for layer in self.layers:
+            if layer.pending:
+                layer.settle(between_steps=True)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        # Called by the mask creation before every forward, eagerly even when the forward is
+        # compiled (generate() prepares the masks outside the graph): the captured steps'
+        # host part runs here.
+        if not torch.compiler.is_compiling():
+            self.settle()
+        return super().get_mask_sizes(query_length, layer_idx)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
@@ -584,8 +550,9 @@ class CentroidKVCache(Cache):
 
     def __repr__(self):
         o = self.options
+        horizon = "" if o.max_cache_len is None else f", max_cache_len={o.max_cache_len}"
         return (f"CentroidKVCache(ratio={o.ratio}, budget={o.budget}, chunk_size={o.chunk_size}, "
-                f"sink={o.sink}, recent={o.recent}, policy={o.policy!r}, layers={len(self.layers)})")
+                f"sink={o.sink}, recent={o.recent}, policy={o.policy!r}{horizon}, layers={len(self.layers)})")
 
 
 def cache_argument(model) -> str:

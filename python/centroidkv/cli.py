@@ -136,7 +136,8 @@ def command_demo(args) -> int:
     print(f"prompt: {n_prompt} tokens of essays with the pass key {key} hidden inside")
 
     runs = [("full cache", DynamicCache(config=model.config)),
-            (f"CentroidKV ratio {args.ratio}", centroidkv.CentroidKVCache(ratio=args.ratio))]
+            (f"CentroidKV ratio {args.ratio}", centroidkv.CentroidKVCache(
+                ratio=args.ratio, max_cache_len=_capture_horizon(device, n_prompt, args.max_new_tokens)))]
     results = []
     with tqdm(total=len(runs) * (args.max_new_tokens + 1), desc="generating", unit="step") as bar:
         for name, cache in runs:
@@ -167,13 +168,20 @@ def command_generate(args) -> int:
     prompt = prompt_path.read_text(encoding="utf-8")
     device = _check_device(args.device)
     tokenizer, model = load_model(args.model, args.gguf, device, args.dtype)
+    horizon = _capture_horizon(device, len(tokenizer(prompt)["input_ids"]), args.max_new_tokens)
     cache = centroidkv.CentroidKVCache(ratio=args.ratio, chunk_size=args.chunk_size, sink=args.sink,
-                                       recent=args.recent)
+                                       recent=args.recent, max_cache_len=horizon)
     text, n_new, seconds = run_generation(model, tokenizer, prompt, cache, args.max_new_tokens, device)
     print(text)
     print(f"[{n_new} tokens in {seconds:.2f} s; KV memory {_mib(cache.memory_bytes().total)}]",
           file=sys.stderr)
     return 0
+
+
+def _capture_horizon(device: str, prompt_tokens: int, max_new_tokens: int) -> Optional[int]:
+    """max_cache_len on a GPU: static buffers, so generate() captures the decode steps (a CUDA
+    graph per step); on the CPU transformers does not compile, and the buffers grow as needed."""
+    return prompt_tokens + max_new_tokens + 1 if device.startswith("cuda") else None
 
 
 def _check_device(device: str) -> str:

@@ -57,8 +57,14 @@ def new_token_padding(attention_mask: Optional[Tensor], queries: int, batch: int
     return padding
 
 
-def padding_mask_passthrough(*args, attention_mask: Optional[Tensor] = None, **kwargs) -> Optional[Tensor]:
-    """Mask creation for "centroidkv": the 2D padding mask [B, seen + q] (or None), unchanged."""
+def padding_mask_passthrough(*args, attention_mask: Optional[Tensor] = None, q_length: Optional[int] = None,
+                             kv_length: Optional[int] = None, **kwargs) -> Optional[Tensor]:
+    """Mask creation for "centroidkv": the 2D padding mask [B, seen + q] (or None), unchanged;
+    only its last q columns where the cache asks for no more (kv_length == q_length: a
+    CentroidKVCache with static buffers, whose captured steps need an input of fixed width)."""
+    if (attention_mask is not None and attention_mask.dim() == 2 and kv_length is not None
+            and kv_length == q_length and attention_mask.shape[1] > kv_length):
+        return attention_mask[:, -kv_length:].contiguous()  # a stride that does not change either
     return attention_mask
 
 

@@ -1,0 +1,187 @@
+"""Captured decode steps: CentroidKVCache(max_cache_len=...) under torch.compile(fullgraph=True).
+
+fullgraph=True turns any graph break into an error, so a compiled run that finishes traced each
+decode step (cache update, attention, sizes, device-side lengths) as one graph; the dynamo
+counters then show that clustering between steps (CentroidKVCache.settle moving slots in place)
+never forced a second graph. Tokens are compared with eager generation, greedy, over 256 steps
+with clustering in between, on Llama, Qwen2 and Gemma-3 shapes (left-padded batches).
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from hf_helpers import VOCAB, tiny_model
+
+import centroidkv.cache as cache_module  # noqa: E402
+from centroidkv.cache import CentroidKVCache, cache_argument  # noqa: E402
+from centroidkv.policies import PlainClustering, Policy  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+from torch._dynamo.utils import counters  # noqa: E402
+
+BATCH, PROMPT, NEW = 3, 48, 256
+OPTIONS = dict(ratio=0.75, chunk_size=8, recent=16)
+
+
+def _prompt(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, VOCAB, (BATCH, PROMPT), generator=generator)
+    mask = torch.ones(BATCH, PROMPT, dtype=torch.long)
+    mask[0, :5] = 0  # left padding of different widths
+    mask[2, :13] = 0
+    return tokens, mask
+
+
+def _generate(model, cache, compiled, new=NEW):
+    tokens, mask = _prompt()
+    config = transformers.CompileConfig(fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    extra = dict(compile_config=config) if compiled else dict(disable_compile=True)
+    with torch.no_grad():
+        return model.generate(tokens, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              pad_token_id=0, **{cache_argument(model): cache}, **extra)
+
+
+def _reset_compiler():
+    torch.compiler.reset()
+    counters.clear()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_compiled_generate_equals_eager(family):
+    model = tiny_model(family)
+    eager_cache = CentroidKVCache(**OPTIONS)  # the host-driven path, no static buffers
+    eager = _generate(model, eager_cache, compiled=False)
+    static_cache = CentroidKVCache(**OPTIONS, max_cache_len=PROMPT + NEW)
+    assert static_cache.is_compileable
+    _reset_compiler()
+    compiled = _generate(model, static_cache, compiled=True)
+    assert torch.equal(compiled, eager)
+    assert counters["stats"]["unique_graphs"] == 1  # clustering between steps: no recompile
+    static_cache.settle()  # the last step's host part
+    for ours, reference in zip(static_cache.layers, eager_cache.layers):
+        assert ours.seen == reference.seen == PROMPT + NEW - 1
+        assert ours.lengths == reference.lengths
+        assert ours.lengths_dev.tolist() == ours.lengths
+        torch.testing.assert_close(ours.sizes.sum(-1), reference.sizes.sum(-1))
+    clustered = static_cache.layers[-1]  # a full-attention layer in every family
+    assert max(clustered.lengths) < PROMPT + NEW - 60  # blocks were clustered while decoding
+
+
+@pytest.mark.parametrize("policy", [PlainClustering(), None])  # the paper's, and the default
+def test_compiled_steps_with_settle_between(policy):
+    """A loop of one's own: torch.compile(fullgraph=True) on one token's forward, settle between
+    steps; the buffers never move, so the graph's addresses stay valid."""
+    model = tiny_model("llama")
+    tokens, mask = _prompt(1)
+    name = cache_argument(model)
+    outputs = {}
+    for compiled in (False, True):
+        cache = CentroidKVCache(**OPTIONS, policy=policy, max_cache_len=PROMPT + NEW)
+        with torch.no_grad():
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            logits = model(tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                           **{name: cache}).logits[:, -1]
+
+            def step(token, position):
+                return model(token, position_ids=position, use_cache=True, **{name: cache}).logits[:, -1]
+
+            run = torch.compile(step, fullgraph=True) if compiled else step
+            _reset_compiler()
+            layer = cache.layers[0]
+            addresses = [t.data_ptr() for t in (layer.keys, layer.values, layer.sizes, layer.lengths_dev)]
+            picked, position, history = [], positions[:, -1:], []
+            for _ in range(96):
+                token = logits.argmax(-1, keepdim=True)
+                picked.append(token)
+                position = position + 1
+                logits = run(token, position)
+                cache.settle()
+                history.append(layer.lengths[0])
+            assert [t.data_ptr() for t in (layer.keys, layer.values, layer.sizes, layer.lengths_dev)] == addresses
+            assert any(after < before for before, after in zip(history, history[1:]))  # clustered in between
+        outputs[compiled] = torch.cat(picked, 1)
+        if compiled:
+            assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(outputs[True], outputs[False])
+
+
+def test_static_buffers_decode_like_the_dynamic_cache_eagerly():
+    """Without compiling, the captured path (device-side lengths, whole buffers) gives the same
+    cache as the host-driven one, for the default policy and budget mode."""
+    model = tiny_model("qwen2")
+    for extra in (dict(OPTIONS), dict(budget=64, chunk_size=8, recent=16)):
+        dynamic = CentroidKVCache(**extra)
+        static = CentroidKVCache(**extra, max_cache_len=PROMPT + 64)
+        assert torch.equal(_generate(model, static, False, 64), _generate(model, dynamic, False, 64))
+        for ours, reference in zip(static.layers, dynamic.layers):
+            assert ours.lengths == reference.lengths
+            torch.testing.assert_close(ours.sizes.sum(-1), reference.sizes.sum(-1))
+
+
+def test_static_buffers_hold_the_slots_not_the_tokens():
+    model = tiny_model("llama")
+    horizon = 4096
+    cache = CentroidKVCache(**OPTIONS, max_cache_len=horizon)
+    _generate(model, cache, compiled=False, new=2)
+    layer = cache.layers[0]
+    per_slot = layer.memory_bytes() / layer.capacity
+    full = per_slot * horizon
+    assert layer.memory_bytes() < 0.3 * full  # ratio 0.75: about a quarter of the tokens, plus the window
+
+
+def test_two_captured_steps_without_settle_are_refused():
+    cache = CentroidKVCache(**OPTIONS, max_cache_len=200)
+    layer_keys = torch.randn(1, 2, 40, 16)
+    cache.update(layer_keys, layer_keys, 0)
+    layer = cache.layers[0]
+    layer.attention_inputs()
+    layer.settle()
+    token = torch.randn(1, 2, 1, 16)
+    keys, _ = cache.update(token, token, 0)
+    assert keys.shape[2] == layer.capacity  # whole buffers
+    layer.attention_inputs()  # read by the attention, but not settled
+    with pytest.raises(RuntimeError, match=r"call cache.settle\(\) between captured decode steps"):
+        cache.update(token, token, 0)
+    cache.settle()
+    cache.update(token, token, 0)
+    assert layer.pending == 1 and layer.seen == 41 and cache.get_seq_length() == 42
+
+
+def test_more_tokens_than_max_cache_len_grow_the_buffers(caplog, monkeypatch):
+    monkeypatch.setattr(cache_module, "_NOTED", set())  # notes are logged once per process
+    model = tiny_model("llama")
+    dynamic = CentroidKVCache(**OPTIONS)
+    static = CentroidKVCache(**OPTIONS, max_cache_len=16)  # far too small for the prompt and 200 more
+    with caplog.at_level(logging.WARNING, logger="centroidkv"):
+        got = _generate(model, static, False, 200)
+    assert torch.equal(got, _generate(model, dynamic, False, 200))
+    assert static.layers[0].lengths == dynamic.layers[0].lengths
+    assert any("more slots than max_cache_len=16" in record.getMessage() for record in caplog.records)
+
+
+class _Accumulating(Policy):
+    score_window = 1
+    accumulate_scores = True
+
+    def compress(self, segment, *, ratio, chunk_size):
+        return segment
+
+
+def test_a_policy_needing_per_step_python_is_not_captured(caplog, monkeypatch):
+    monkeypatch.setattr(cache_module, "_NOTED", set())
+    with caplog.at_level(logging.WARNING, logger="centroidkv"):
+        cache = CentroidKVCache(**OPTIONS, policy=_Accumulating(), max_cache_len=512)
+        CentroidKVCache(**OPTIONS, policy=_Accumulating(), max_cache_len=512)
+    assert not cache.is_compileable
+    notes = [r.getMessage() for r in caplog.records if "decode steps run eagerly" in r.getMessage()]
+    assert len(notes) == 1 and "updates token scores on every decode step" in notes[0]
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5, "64"])
+def test_bad_max_cache_len_is_named(value):
+    with pytest.raises((ValueError, TypeError), match="max_cache_len"):
+        CentroidKVCache(max_cache_len=value)
