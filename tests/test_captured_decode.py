@@ -185,3 +185,39 @@ def test_a_policy_needing_per_step_python_is_not_captured(caplog, monkeypatch):
 def test_bad_max_cache_len_is_named(value):
     with pytest.raises((ValueError, TypeError), match="max_cache_len"):
         CentroidKVCache(max_cache_len=value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_cuda_graph_decode_matches_eager(family):
+    """mode="reduce-overhead" (CUDA graphs) replays each step; teacher-forced on the eager run's
+    tokens, so logits are compared step by step (kernels differ from eager in the last bits)."""
+    model = tiny_model(family).cuda()
+    tokens, mask = (t.cuda() for t in _prompt(2))
+    name = cache_argument(model)
+    steps = 160
+    runs = {}
+    for compiled in (False, True):
+        cache = CentroidKVCache(**OPTIONS, max_cache_len=PROMPT + steps + 1)
+        with torch.no_grad():
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            logits = model(tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                           **{name: cache}).logits[:, -1]
+
+            def step(token, position):
+                return model(token, position_ids=position, use_cache=True, **{name: cache}).logits[:, -1]
+
+            run = torch.compile(step, fullgraph=True, mode="reduce-overhead") if compiled else step
+            forced = runs.get(False, (None, None))[1]
+            position, out, picked = positions[:, -1:], [], []
+            for i in range(steps):
+                token = logits.argmax(-1, keepdim=True) if forced is None else forced[:, i:i + 1]
+                picked.append(token)
+                position = position + 1
+                logits = run(token, position).clone()  # a replay overwrites its outputs
+                cache.settle()
+                out.append(logits)
+        runs[compiled] = (torch.stack(out, 1), torch.cat(picked, 1), cache)
+    torch.testing.assert_close(runs[True][0], runs[False][0], atol=2e-3, rtol=2e-3)
+    assert runs[True][2].layers[-1].lengths == runs[False][2].layers[-1].lengths
+    assert max(runs[True][2].layers[-1].lengths) < PROMPT + steps - 60  # clustered while replaying
