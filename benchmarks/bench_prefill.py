@@ -31,14 +31,6 @@ from centroidkv.cache import CentroidKVCache, cache_argument  # noqa: E402
 from e2e_common import GB, log  # noqa: E402
 
 
-def load(name: str, device, max_positions: int):
-    if name in ("8b", "tiny"):
-        shape = common.LLAMA3_8B if name == "8b" else common.TINY
-        return common.build_model(shape, device, shape.dtype, max_positions)
-    from centroidkv.eval.model import load_model
-    return load_model(name, device=str(device)).model
-
-
 def variant_names(ratio: float, chunk) -> list[str]:
     names = ["stock", "ckv_off", f"ckv_{ratio:g}", f"ckv_{ratio:g}_scored"]
     if chunk:
@@ -140,7 +132,7 @@ def main(argv=None, model=None) -> dict:
         torch.set_num_threads(args.threads)
     device = common.pick_device(args.device)
     if model is None:
-        model = load(args.model, device, max(args.contexts) + 64)
+        model = common.load_model(args.model, device, max(args.contexts) + 64)
     env = common.environment(device)
     log(f"{env['device']}: prefill of {args.contexts} tokens, B={args.batch}, policy {args.policy}")
     rows = []

@@ -27,9 +27,8 @@ from typing import Callable, Optional
 import torch
 
 import centroidkv  # noqa: F401  (registers attn_implementation="centroidkv")
-from centroidkv.cache import CentroidKVCache, CentroidKVLayer, cache_argument
-from centroidkv.policies import PlainClustering
-from centroidkv.policy_protected import ProtectedClustering
+from centroidkv.cache import CAPTURE_HEADROOM, CentroidKVCache, CentroidKVLayer, cache_argument
+from centroidkv.policies import PlainClustering, ProtectedClustering
 
 import transformers
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
@@ -85,11 +84,32 @@ def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, max_posi
     return model.to(device=device, dtype=dtype).eval()
 
 
+def load_model(name: str, device, max_positions: int):
+    """"8b" or "tiny" (random weights, built on the device), or a model of the evaluation harness
+    ("smollm2", "gemma3": offline GGUF, float32)."""
+    if name in ("8b", "tiny"):
+        shape = LLAMA3_8B if name == "8b" else TINY
+        return build_model(shape, device, shape.dtype, max_positions)
+    from centroidkv.eval.model import load_model as load_offline
+    return load_offline(name, device=str(device)).model
+
+
+def shape_of(model) -> Shape:
+    """The Shape of a loaded transformers model (what the cache fills and byte counts need)."""
+    config = model.config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return Shape(layers=config.num_hidden_layers, hidden=config.hidden_size, q_heads=config.num_attention_heads,
+                 kv_heads=config.num_key_value_heads, head_dim=head_dim, intermediate=config.intermediate_size,
+                 vocab=config.vocab_size, dtype=next(model.parameters()).dtype)
+
+
 def weight_bytes_read_per_step(model) -> int:
     """Bytes of parameters a decode step reads: all of them but the input embedding table, of
-    which only one row per sequence is read."""
+    which only one row per sequence is read (unless it is also the output layer's, tied)."""
     embed = model.get_input_embeddings().weight
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embed
+    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
 
 
 def use_attention(model, name: str) -> None:
@@ -153,13 +173,13 @@ class Layout:
 
 def centroidkv_layout(options, seen: int) -> Layout:
     """The layer state a real prefill of `seen` tokens leaves (CentroidKVLayer.update + settle):
-    capacity round_up(seen + block); the sink and recent window stay exact, whole blocks in
-    between are clustered; then the buffers shrink to round_up(live + block + 1) if they are
-    more than 1.5x that."""
+    capacity round_up(seen + block), or with max_cache_len (static buffers) at least the slots
+    that many tokens need; the sink and recent window stay exact, whole blocks in between are
+    clustered; then the buffers shrink to the target (live + block + 1, or the static bound) if
+    they are more than 1.5x that."""
     if options.budget is not None:
         raise ValueError("synthetic fill supports the ratio mode only (no budget)")
     block = options.block
-    capacity = _round_up(seen + block)
     start, blocks = 0, 0
     if options.clusters:
         start = min(options.sink, seen)
@@ -167,7 +187,13 @@ def centroidkv_layout(options, seen: int) -> Layout:
     tokens = blocks * block
     slots = options.policy.slots(tokens, ratio=options.ratio, chunk_size=options.chunk_size) if options.ratio > 0 else tokens
     live = seen - tokens + slots
-    target = _round_up(live + block + 1)
+    if options.captures:
+        bound = CentroidKVLayer(options)._slot_bound()
+        capacity = _round_up(max(seen + block, bound + CAPTURE_HEADROOM))
+        target = _round_up(max(bound, live) + CAPTURE_HEADROOM)
+    else:
+        capacity = _round_up(seen + block)
+        target = _round_up(live + block + 1)
     if capacity > target * 3 // 2:
         capacity = target
     return Layout(seen, live, start + slots, start, tokens, slots, capacity)
@@ -177,9 +203,9 @@ def fill_centroidkv(cache: CentroidKVCache, shape: Shape, batch: int, seen: int,
                     device, dtype, capacity: Optional[int] = None) -> Layout:
     """Puts every layer of an empty CentroidKVCache in the state of a prefill of `seen` tokens:
     random keys/values in the live slots, size 1 for exact tokens and the mean cluster size for
-    centroids (so every row's sizes sum to `seen`), per-row counters as the layer keeps them.
-    `capacity` (slots) replaces the capacity a prefill leaves, e.g. to preallocate a full cache
-    for a whole request as a serving system would."""
+    centroids (so every row's sizes sum to `seen`), per-row counters as the layer keeps them
+    (device-side ones too, for static buffers). `capacity` (slots) replaces the capacity a
+    prefill leaves, e.g. to preallocate a full cache for a whole request as a serving system would."""
     if cache.layers:
         raise ValueError("fill_centroidkv needs an empty cache")
     layout = centroidkv_layout(cache.options, seen)
@@ -187,10 +213,11 @@ def fill_centroidkv(cache: CentroidKVCache, shape: Shape, batch: int, seen: int,
         if capacity < layout.live:
             raise ValueError(f"capacity {capacity} < live slots {layout.live}")
         layout = dataclasses.replace(layout, capacity=_round_up(capacity))
+    proto = torch.empty(1, 1, 1, shape.head_dim, device=device, dtype=dtype)
+    proto = proto.expand(batch, shape.kv_heads, 1, shape.head_dim)
     for _ in range(shape.layers):
         layer = CentroidKVLayer(cache.options)
-        layer.device, layer.dtype = torch.device(device), dtype
-        layer._allocate(batch, shape.kv_heads, shape.head_dim, shape.head_dim, layout.capacity)
+        layer.initialize(proto, proto, layout.capacity)
         layer.keys[:, :, :layout.live].normal_()
         layer.values[:, :, :layout.live].normal_()
         layer.sizes[:, :, :layout.live] = 1.0
@@ -201,7 +228,9 @@ def fill_centroidkv(cache: CentroidKVCache, shape: Shape, batch: int, seen: int,
         layer.lengths = [layout.live] * batch
         layer.head_end = [layout.head_end] * batch
         layer.seen = seen
-        layer.is_initialized = True
+        if layer.static:  # as settle leaves them after a prefill: a captured step reads no host counter
+            layer.seen_dev.fill_(seen)
+            _ = layer.lengths_dev
         cache.layers.append(layer)
     return layout
 

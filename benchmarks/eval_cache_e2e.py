@@ -29,8 +29,7 @@ from centroidkv.cache import cache_argument
 from centroidkv.eval import data
 from centroidkv.eval.runner import prompt_parts
 from centroidkv.eval.tasks import make_samples
-from centroidkv.policies import PlainClustering
-from centroidkv.policy_protected import ProtectedClustering
+from centroidkv.policies import PlainClustering, ProtectedClustering
 
 CONFIGS = {  # name -> (policy or None for the full cache, prefill hands surprisal)
     "full": (None, False),

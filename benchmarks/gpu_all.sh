@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call: build in place, CUDA tests, the kernel benchmarks
-# (merge, attention), the end-to-end decode/serving/prefill benchmark, and compute-sanitizer
-# (memcheck and racecheck).
+# (merge, attention), captured (compiled, CUDA-graph) decode steps, the end-to-end
+# decode/serving/prefill benchmark, and compute-sanitizer (memcheck and racecheck).
 # Stages run in that order, each time-boxed (the sanitizers in the background beside the tests,
 # which need the CPU more than the GPU; every timing runs after them); logs and JSON are packed into
 # $OUT/gpu_results.tar.gz after every stage (so a run cut short still returns what it did), and
 # a short summary is printed last.
 #   OUT=gpu_out bash benchmarks/gpu_all.sh
 #   STAGES="build tests bench_merge" OUT=gpu_out bash benchmarks/gpu_all.sh
+#   STAGES="build tests captured" ...    the captured-decode check alone, under 8 minutes
 #   E2E_POLICY=default ... runs the end-to-end part with CentroidKVCache's default policy (plain: the paper's)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 LOGS=$(mktemp -d)
-STAGES=${STAGES:-"build memcheck racecheck tests bench_merge bench_attention prefill e2e"}
+STAGES=${STAGES:-"build memcheck racecheck tests bench_merge bench_attention captured prefill e2e"}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CENTROIDKV_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/python
 PY=${PYTHON:-python3}
@@ -103,6 +104,21 @@ if want bench_attention; then
   timeout 60 $PY benchmarks/bench_attention.py --json "$LOGS/bench_attention.json" \
     > "$LOGS/bench_attention.txt" 2>&1
   tail -30 "$LOGS/bench_attention.txt"; pack
+fi
+
+if want captured; then
+  # Decode steps compiled with CUDA graphs (mode="reduce-overhead"), Llama-3-8B shape, default
+  # policy at 0.75, against StaticCache compiled and CentroidKVCache(ratio=0) compiled (and each
+  # eagerly): the points of issue 15's table first; a point starts only if its compiles fit.
+  # First the CUDA-graph tests (replays equal eager, no recompile, no CUDA-graph skip).
+  step captured
+  timeout 120 $PY -m pytest -q -ra -p no:cacheprovider tests/test_captured_decode.py -k cuda \
+    > "$LOGS/captured_tests.txt" 2>&1
+  summary+=("captured tests: $(tail -1 "$LOGS/captured_tests.txt")"); tail -3 "$LOGS/captured_tests.txt"
+  timeout "${CAPTURED_TIMEOUT:-330}" $PY benchmarks/bench_captured_decode.py --policy "${E2E_POLICY:-default}" \
+    --points 8x32768 8x65536 1x8192 16x32768 1x131072 --deadline-s "${CAPTURED_BUDGET:-280}" \
+    --json "$LOGS/captured.json" > "$LOGS/captured.txt" 2>&1
+  summary+=("captured: rc=$?"); tail -24 "$LOGS/captured.txt"; pack
 fi
 
 if want prefill; then

@@ -40,16 +40,18 @@ def run_script(script: str, *args: str, tmp_path: Path) -> dict:
 @pytest.mark.parametrize("seen", [1, 67, 68, 131, 133, 500, 1027])
 @pytest.mark.parametrize("recent", [0, 64])
 @pytest.mark.parametrize("policy", ["plain", "default"])
-def test_synthetic_fill_matches_real_prefill(ratio, seen, recent, policy):
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_synthetic_fill_matches_real_prefill(ratio, seen, recent, policy, static):
     shape = common.Shape(**{**common.TINY.__dict__, "layers": 1})
     batch = 2
-    real = CentroidKVCache(ratio=ratio, recent=recent, policy=common.make_policy(policy))
+    horizon = dict(max_cache_len=seen + 700) if static else {}
+    real = CentroidKVCache(ratio=ratio, recent=recent, policy=common.make_policy(policy), **horizon)
     layer = CentroidKVLayer(real.options)
     keys = torch.randn(batch, shape.kv_heads, seen, shape.head_dim)
     with torch.inference_mode():
         layer.update(keys, torch.randn_like(keys))
         layer.settle()
-    synthetic = CentroidKVCache(ratio=ratio, recent=recent, policy=common.make_policy(policy))
+    synthetic = CentroidKVCache(ratio=ratio, recent=recent, policy=common.make_policy(policy), **horizon)
     layout = common.fill_centroidkv(synthetic, shape, batch, seen, "cpu", torch.float32)
     fake = synthetic.layers[0]
 
@@ -60,6 +62,9 @@ def test_synthetic_fill_matches_real_prefill(ratio, seen, recent, policy):
     assert fake.memory_bytes() == layer.memory_bytes()
     assert fake._clustered_any == layer._clustered_any
     assert torch.equal(fake.lengths_dev, layer.lengths_dev)
+    assert fake.static == layer.static == static
+    if static:
+        assert fake.seen_dev.item() == layer.seen_dev.item() == seen
     # Sizes: exact tokens 1, empty slots 0, and every (row, head) stands for all `seen` tokens
     # (the real clusters differ in size, the synthetic ones are all the mean size).
     torch.testing.assert_close(fake.sizes.sum(-1), layer.sizes.sum(-1))
@@ -137,6 +142,22 @@ def test_bench_serving_tiny(tmp_path, policy):
         assert r["kv_bytes_held"] <= s["kv_budget_bytes"] * 1.05  # the in-place cache holds sizes too
     assert s["runs"]["ckv_0.75"]["batch"] == s["sequences"]["ckv_0.75"]
     assert s["throughput_vs_full_inplace"] > 0 and s["sequences_ratio"] > 1
+
+
+def test_bench_captured_decode_tiny(tmp_path):
+    data = run_script("bench_captured_decode.py", "--contexts", "300", "--steps", "70", tmp_path=tmp_path)
+    rows = {r["variant"]: r for r in data["decode"]}
+    assert set(rows) == {"stock_eager", "static_eager", "static_compiled", "ckv_0_eager", "ckv_0_compiled",
+                         "ckv_0.75_eager", "ckv_0.75_compiled"}
+    for variant, r in rows.items():
+        assert r["status"] == "ok", r
+        assert r["ms_mean"] > 0 and r["tokens_per_s"] > 0 and r["bytes_read_per_step"] > data["weights_bytes_read"]
+    # The timed steps crossed a block: the clustered cache shrank while being decoded.
+    assert rows["ckv_0.75_compiled"]["live_slots_end"] < rows["ckv_0_compiled"]["live_slots_end"]
+    (c,) = data["comparisons"]
+    assert c["ratio"] == 0.75 and c["bound"] > 1 and c["floor_ms"] > 0 and c["of_floor"] > 0
+    assert c["best_full"] in rows and c["speedup_vs_best_full"] > 0 and c["compiled_speedup"] > 0
+    assert data["bandwidth_gbs"] > 0 and data["env"]["device"].startswith("CPU")
 
 
 def test_deadline_skips_points(tmp_path):

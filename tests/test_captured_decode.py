@@ -15,6 +15,7 @@ import torch
 
 from hf_helpers import VOCAB, tiny_model
 
+import centroidkv.backend as backend  # noqa: E402
 import centroidkv.cache as cache_module  # noqa: E402
 from centroidkv.cache import CentroidKVCache, cache_argument  # noqa: E402
 from centroidkv.policies import PlainClustering, Policy  # noqa: E402
@@ -107,6 +108,63 @@ def test_compiled_steps_with_settle_between(policy):
         if compiled:
             assert counters["stats"]["unique_graphs"] == 1
     assert torch.equal(outputs[True], outputs[False])
+
+
+def test_first_clustering_between_compiled_steps_keeps_one_graph(monkeypatch):
+    """A prompt too short to cluster: the first clustering of the generation (sizes no longer
+    alike across heads) happens between compiled steps, and the first trace is also the first
+    kernel lookup; neither may change the graph (a recompile on a GPU costs a minute)."""
+    model = tiny_model("llama")
+    tokens = torch.randint(1, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))
+    name = cache_argument(model)
+    outputs = {}
+    for compiled in (False, True):
+        cache = CentroidKVCache(**OPTIONS, max_cache_len=8 + 80)
+        with torch.no_grad():
+            logits = model(tokens, use_cache=True, **{name: cache}).logits[:, -1]
+            layer = cache.layers[0]
+            assert not layer._clustered_any
+
+            def step(token):
+                return model(token, use_cache=True, **{name: cache}).logits[:, -1]
+
+            run = torch.compile(step, fullgraph=True) if compiled else step
+            _reset_compiler()
+            monkeypatch.setattr(backend, "_HAS_KERNEL", {})  # the lookup happens under the trace
+            picked = []
+            for _ in range(80):
+                picked.append(logits.argmax(-1, keepdim=True))
+                logits = run(picked[-1])
+                cache.settle()
+        assert layer._clustered_any and layer.lengths[0] < 8 + 80 - 20
+        outputs[compiled] = torch.cat(picked, 1)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(outputs[True], outputs[False])
+
+
+@pytest.mark.parametrize("policy", [PlainClustering(), None])
+def test_compiled_step_writes_the_buffers_in_place(policy):
+    """The compiled step touches one slot per row of each buffer, never all of them: a write
+    torch.compile cannot do in place (a scatter_ is functionalised) becomes a copy of the whole
+    keys, values and sizes on every step, which at 32k tokens costs more than the attention."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_model("llama")
+    tokens, mask = _prompt(4)
+    name = cache_argument(model)
+    cache = CentroidKVCache(**OPTIONS, policy=policy, max_cache_len=PROMPT + 997)  # odd capacity
+    with torch.no_grad():
+        model(tokens, attention_mask=mask, use_cache=True, **{name: cache})
+        step = torch.compile(lambda token, mask: model(token, attention_mask=mask, use_cache=True,
+                                                       **{name: cache}).logits, fullgraph=True)
+        full_mask = torch.cat([mask, torch.ones(BATCH, 1, dtype=mask.dtype)], 1)  # padding marked in the graph
+        _, code = run_and_get_code(step, tokens[:, -1:], full_mask)
+    code = "\n".join(code)
+    layer = cache.layers[0]
+    assert "centroidkv.attention" in code
+    for buffer in layer._buffers():
+        assert buffer.shape[2] == layer.capacity > PROMPT + 200
+        assert str(buffer.numel()) not in code, f"a {list(buffer.shape)} buffer is copied whole"
 
 
 def test_static_buffers_decode_like_the_dynamic_cache_eagerly():
@@ -208,6 +266,7 @@ def test_cuda_graph_decode_matches_eager(family):
                 return model(token, position_ids=position, use_cache=True, **{name: cache}).logits[:, -1]
 
             run = torch.compile(step, fullgraph=True, mode="reduce-overhead") if compiled else step
+            _reset_compiler()
             forced = runs.get(False, (None, None))[1]
             position, out, picked = positions[:, -1:], [], []
             for i in range(steps):
@@ -218,6 +277,37 @@ def test_cuda_graph_decode_matches_eager(family):
                 cache.settle()
                 out.append(logits)
         runs[compiled] = (torch.stack(out, 1), torch.cat(picked, 1), cache)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["inductor"]["cudagraph_skips"] == 0  # replayed as a CUDA graph, not run eagerly
     torch.testing.assert_close(runs[True][0], runs[False][0], atol=2e-3, rtol=2e-3)
     assert runs[True][2].layers[-1].lengths == runs[False][2].layers[-1].lengths
     assert max(runs[True][2].layers[-1].lengths) < PROMPT + steps - 60  # clustered while replaying
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_generate_compiles_the_decode_step():
+    """On a GPU, generate() with max_cache_len compiles the step by itself (transformers' own
+    path for compileable caches: CUDA graphs, no graph break). Tokens equal eager generation up
+    to a near tie in eager's logits, where last-bit differences may pick the other token."""
+    model = tiny_model("llama").cuda()
+    tokens, mask = (t.cuda() for t in _prompt())
+    new, runs = 96, {}
+    for compiled in (False, True):
+        _reset_compiler()
+        cache = CentroidKVCache(**OPTIONS, max_cache_len=PROMPT + new)
+        with torch.no_grad():
+            runs[compiled] = model.generate(
+                tokens, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                **({} if compiled else dict(disable_compile=True)), **{cache_argument(model): cache})
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    eager, ours = runs[False].sequences[:, PROMPT:], runs[True].sequences[:, PROMPT:]
+    top2 = torch.stack(runs[False].logits, 1).float().topk(2, -1).values
+    gap = top2[..., 0] - top2[..., 1]
+    for row in range(BATCH):
+        differ = (eager[row] != ours[row]).nonzero()
+        if len(differ):
+            first = int(differ[0, 0])
+            assert gap[row, :first + 1].min() < 1e-3, (row, first)
+    assert max(cache.layers[-1].lengths) < PROMPT + new - 40  # clustered while replaying

@@ -20,7 +20,9 @@ _HAS_KERNEL: dict[tuple[str, str], bool] = {}
 
 def has_kernel(op_name: str, device_type: str) -> bool:
     """Whether torch.ops.centroidkv.<op_name> has a kernel for the device type ("cpu", "cuda")."""
-    known = _HAS_KERNEL.get((op_name, device_type))  # a dict read: traceable by torch.compile
+    if torch.compiler.is_compiling():  # a constant at trace time, no guard (a dict would guard on its keys)
+        return _dispatcher_has_kernel(op_name, device_type)
+    known = _HAS_KERNEL.get((op_name, device_type))
     if known is None:
         known = _HAS_KERNEL[(op_name, device_type)] = _dispatcher_has_kernel(op_name, device_type)
     return known

@@ -230,8 +230,9 @@ class CentroidKVLayer(SlotStorage, CacheLayerMixin):
         """(sizes [B, H, L], lengths [B] or None when every row holds all L slots, whether all
         heads' sizes are alike) for the views returned by the last update."""
         self._unattended = False
-        if self._captured:  # whole buffers; slots past each row's length have size 0
-            return self.sizes, self.lengths_dev, not self._clustered_any
+        if self._captured:  # whole buffers; slots past each row's length have size 0; heads
+            # taken as unalike (always correct) so the first clustering does not change the graph
+            return self.sizes, self.lengths_dev, False
         lengths = None if self._uniform else self.lengths_dev
         return self.sizes[:, :, :self._max_len], lengths, not self._clustered_any
 
@@ -245,9 +246,8 @@ class CentroidKVLayer(SlotStorage, CacheLayerMixin):
         # No dtype conversion: multiplying float sizes by an integer or bool mask promotes to float.
         mask = new_token_mask.to(device=self.device)
         if self._captured or not self._uniform:
-            index = (self.lengths_dev[:, None] - new + torch.arange(new, device=self.device))
-            index = index[:, None, :].expand(-1, self.sizes.shape[1], -1)
-            self.sizes.scatter_(2, index, self.sizes.gather(2, index) * mask[:, None, :].float())
+            index = self.new_slot_index(new, back=new)
+            self.sizes.index_put_(index, self.sizes[index] * mask[:, None, :].float())
         else:
             used = self._max_len
             self.sizes[:, :, used - new:used].mul_(mask[:, None, :])

@@ -169,16 +169,25 @@ class SlotStorage:
         self.pending += key_states.shape[2]
 
     def _scatter_new(self, key_states: Tensor, value_states: Tensor) -> None:
-        batch, _, new, _ = key_states.shape
-        index = self.lengths_dev[:, None] + torch.arange(new, device=self.device)  # [B, new]
-        for buf, data in ((self.keys, key_states), (self.values, value_states)):
-            buf.scatter_(2, index[:, None, :, None].expand_as(data), data)
-        per_slot = index[:, None, :].expand(batch, self.sizes.shape[1], new)
-        self.sizes.scatter_(2, per_slot, 1.0)
+        index = self.new_slot_index(key_states.shape[2])
+        # index_put_, not scatter_: torch.compile writes it in place into the static buffers;
+        # a scatter_ is functionalised into a copy of the whole buffer on every step.
+        self.keys.index_put_(index, key_states)
+        self.values.index_put_(index, value_states)
+        one = torch.ones((), dtype=torch.float32, device=self.device)
+        self.sizes.index_put_(index, one)
         for buf in (self.scores, self.info):
             if buf is not None:
-                buf.scatter_(2, per_slot, 0.0)
-        self.lengths_dev.add_(new)  # in place on the device
+                buf.index_put_(index, torch.zeros_like(one))
+        self.lengths_dev.add_(key_states.shape[2])  # in place on the device
+
+    def new_slot_index(self, new: int, back: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows [B, 1, 1], heads [1, H, 1], slots [B, 1, new]): advanced indices of the `new`
+        slots from `back` slots before each row's device-side length, for [B, H, slots, ...] buffers."""
+        batch, heads = self.keys.shape[:2]
+        slots = self.lengths_dev[:, None, None] - back + torch.arange(new, device=self.device)
+        rows = torch.arange(batch, device=self.device)[:, None, None]
+        return rows, torch.arange(heads, device=self.device)[None, :, None], slots
 
     def absorb_pending(self) -> int:
         """Applies the tokens captured steps appended to the host counters; returns how many."""
