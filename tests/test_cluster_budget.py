@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from centroidkv import reference
-from centroidkv.cluster_budget import cluster_to_budget, plan_merge
+from centroidkv.policies.cluster_budget import cluster_to_budget, plan_merge
 
 SHAPES = [(1, 1, 8), (2, 3, 64), (1, 2, 97), (1, 1, 130)]  # awkward lengths: tails pass through
 

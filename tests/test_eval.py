@@ -9,7 +9,7 @@ import torch
 
 from centroidkv.eval import methods as E
 from centroidkv.eval.runner import split_budget, surprisal
-from centroidkv.protected import absorb_evicted, protect_and_cluster
+from centroidkv.policies.protection import absorb_evicted, protect_and_cluster
 
 pytest.importorskip("transformers")
 
@@ -176,7 +176,7 @@ def test_protected_variant_defaults_are_the_product_ranking_and_recency_stays_ex
 
 
 def test_default_method_is_the_products_default_policy():
-    from centroidkv.policy_protected import ProtectedClustering as Product
+    from centroidkv.policies import ProtectedClustering as Product
     harness, product = E.make_method("default"), Product()
     for name in ("protect_fraction", "num_merge", "pool", "info_share", "taper", "wide_share"):
         assert getattr(harness, name) == getattr(product, name), name

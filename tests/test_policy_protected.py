@@ -4,8 +4,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from centroidkv.policies import Segment  # noqa: E402
-from centroidkv.policy_protected import AbsorbIntoSurvivors, ProtectedClustering  # noqa: E402
+from centroidkv.policies import AbsorbIntoSurvivors, ProtectedClustering, Segment  # noqa: E402
 
 
 def _segment(length=128, heads=2, seed=0, scores=True):

@@ -6,8 +6,8 @@ pytest.importorskip("transformers")
 
 import centroidkv  # noqa: E402
 from centroidkv.cache import cache_argument  # noqa: E402
-from centroidkv.policy_protected import ProtectedClustering  # noqa: E402
-from centroidkv.protected import pooled_scores, protection_scores, top_tokens, window_ranking  # noqa: E402
+from centroidkv.policies import ProtectedClustering  # noqa: E402
+from centroidkv.policies.protection import pooled_scores, protection_scores, top_tokens, window_ranking  # noqa: E402
 
 
 def _scores(heads=2, length=200, seed=0):

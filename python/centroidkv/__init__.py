@@ -24,8 +24,7 @@ __all__ = ["attention", "build_extension", "compress", "match", "merge", "merge_
 if importlib.util.find_spec("transformers") is not None:
     from . import hf_attention, policies  # noqa: E402
     from .cache import CentroidKVCache  # noqa: E402
-    from .policies import PlainClustering, Policy  # noqa: E402
-    from .policy_protected import AbsorbIntoSurvivors, ProtectedClustering  # noqa: E402
+    from .policies import AbsorbIntoSurvivors, PlainClustering, Policy, ProtectedClustering  # noqa: E402
     from .prefill import prefill  # noqa: E402
 
     hf_attention.register()

@@ -4,7 +4,7 @@ A method turns the middle region of one layer's prompt cache (between the exact 
 see budget.py) into exactly `budget` slots per KV head. It sees that region's keys and values,
 and scores recorded during the prefill: `window` (attention of the last W prompt queries) and
 `totals` (attention summed over all prompt queries), both summed over the query heads of each KV
-head's group, and each token's `surprisal` under the model (query-agnostic). Product policies (centroidkv.protected) and evaluation-only
+head's group, and each token's `surprisal` under the model (query-agnostic). Product policies (centroidkv.policies) and evaluation-only
 baselines and ablations live side by side here so that they run under one protocol.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..cluster_budget import PARTITIONS, cluster_to_budget
-from ..protected import (absorb_evicted, pooled_scores, protect_and_cluster, protected_count, protection_scores,
+from ..policies.cluster_budget import PARTITIONS, cluster_to_budget
+from ..policies.protection import (absorb_evicted, pooled_scores, protect_and_cluster, protected_count, protection_scores,
                          top_tokens, window_ranking)
 
 
@@ -136,7 +136,7 @@ class Random(Method):
 @dataclass
 class ProtectedClustering(Method):
     """Product policy: SnapKV-protected exact tokens + clustering of the rest
-    (centroidkv.protected.protect_and_cluster)."""
+    (centroidkv.policies.protection.protect_and_cluster)."""
     protect_fraction: float = 0.5
     chunk_size: int = 32
     num_merge: Optional[int] = 8
@@ -194,7 +194,7 @@ class ProtectedVariant(ProtectedClustering):
 @dataclass
 class AbsorbEvicted(Method):
     """SnapKV survivors; evicted tokens merged into their most key-similar survivor
-    (centroidkv.protected.absorb_evicted). protect_fraction 0 = the plain
+    (centroidkv.policies.protection.absorb_evicted). protect_fraction 0 = the plain
     merge-evicted-into-nearest-survivor baseline (as in CaM / KVMerger-style merging)."""
     protect_fraction: float = 0.0
     pool: int = 7
@@ -209,8 +209,8 @@ class AbsorbEvicted(Method):
 
 
 def product_default() -> ProtectedClustering:
-    """The harness twin of the product's default policy (centroidkv.policy_protected)."""
-    from ..policy_protected import ProtectedClustering as Product
+    """The harness twin of the product's default policy (centroidkv.policies.protected)."""
+    from ..policies import ProtectedClustering as Product
     product = Product()  # every field of the product policy has a harness field of the same name
     return ProtectedClustering(**{f.name: getattr(product, f.name) for f in fields(product)})
 

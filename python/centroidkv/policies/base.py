@@ -1,7 +1,8 @@
-"""Policies: what happens to the tokens that leave a CentroidKVCache's recent window.
+"""The policy contract: what happens to the tokens that leave a CentroidKVCache's recent window.
 
 The cache (cache.py) owns memory, positions, padding and the [sink | clustered | recent] layout;
-a policy only decides how a run of old tokens is turned into fewer slots. The cache calls it with
+a policy only decides how a run of old tokens is turned into fewer slots (a `Policy` subclass,
+one file of this package each). The cache calls it with
 a `Segment` (the tokens of one or more rows that share the same layout, per KV head) and writes
 back whatever Segment it returns. So a new method is one new file with one small class; the
 cache does not change.
@@ -51,9 +52,9 @@ from typing import ClassVar, Optional
 
 from torch import Tensor
 
-from . import backend
-from .compress import merge_passes
-from .ops import merged_length
+from .. import backend
+from ..compress import merge_passes
+from ..ops import merged_length
 
 
 @dataclass
@@ -108,42 +109,3 @@ class Policy(ABC):
         keys, values, sizes = backend.merge(segment.keys, segment.values, segment.sizes,
                                             chunk_size, chunk_size // 2)
         return Segment(keys, values, sizes, None)
-
-
-@dataclass
-class PlainClustering(Policy):
-    """The paper's policy (SPEC.md): no protected tokens; passes with r = c/2 (the last one with
-    the r that lands nearest the target) of bipartite soft matching on key cosine, each cluster
-    replaced by its size-weighted centroid. Attention then adds log(size) per slot.
-
-    Args:
-        metric: what the matching compares; only "keys" (SPEC's default) for now.
-    """
-
-    metric: str = "keys"
-
-    def __post_init__(self):
-        if self.metric != "keys":
-            raise ValueError(f"PlainClustering: metric must be 'keys', got {self.metric!r}")
-
-    def compress(self, segment: Segment, *, ratio: float, chunk_size: int) -> Segment:
-        keys, values, sizes = segment.keys, segment.values, segment.sizes
-        for num_merge in merge_passes(ratio, chunk_size):
-            keys, values, sizes = backend.merge(keys, values, sizes, chunk_size, num_merge)
-        return Segment(keys, values, sizes, None)
-
-
-def validate_policy(policy) -> Policy:
-    """The policy a cache uses: the given one, or the default chosen by the evaluation
-    (results/eval/README.md): ProtectedClustering, which keeps the tokens an observation window
-    attends to exact and clusters the rest. PlainClustering() is the paper's policy."""
-    if policy is None:
-        from .policy_protected import ProtectedClustering  # imports this module
-
-        return ProtectedClustering()
-    if not isinstance(policy, Policy):
-        raise TypeError(f"policy must be a centroidkv.policies.Policy, got {type(policy).__name__}")
-    return policy
-
-
-__all__ = ["Policy", "PlainClustering", "Segment", "validate_policy"]

@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backend
-from .reference import EPS, segment_average
+from .. import backend
+from ..reference import EPS, segment_average
 
 PARTITIONS = ("alternating", "halves")
 

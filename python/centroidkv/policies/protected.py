@@ -6,7 +6,7 @@ Select one with `CentroidKVCache(ratio=..., policy=ProtectedClustering())` (or
 forward call (SnapKV's observation window: with the question at the end of the prompt, the
 tokens the question looks at). ProtectedClustering also ranks part of its budget by token
 surprisal, which `centroidkv.prefill` hands the cache (prefill.py): that part keeps needles
-exact even when the question comes after compression. The tensor work is in protected.py.
+exact even when the question comes after compression. The tensor work is in protection.py.
 
 Measured trade-offs are in results/eval/README.md: on SmolLM2-135M, plain clustering averages
 adjacent digit tokens together and loses exact recall; protecting whole neighbourhoods (pool 31)
@@ -23,9 +23,9 @@ from typing import ClassVar, Optional
 
 import torch
 
-from .arguments import as_float, as_int
-from .policies import Policy, Segment
-from .protected import absorb_evicted, protect_and_cluster
+from ..arguments import as_float, as_int
+from .base import Policy, Segment
+from .protection import absorb_evicted, protect_and_cluster
 
 
 def _budget(length: int, ratio: float) -> int:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cluster_budget import cluster_to_budget
-from .reference import EPS, segment_average
+from ..reference import EPS, segment_average
 
 
 def pooled_scores(scores: Tensor, kernel: int = 7, taper: float = 1.0, core: int = 7) -> Tensor:
