@@ -146,8 +146,7 @@ def run_point(variant, model, shape, batch, context, args, device, weights) -> d
             out.update(live_slots_end=cache.live_slots(0)[0])
         return out
     except Exception as error:  # noqa: BLE001 - one bad point must not end the run
-        return dict(status="oom" if common.is_oom(error) else "error",
-                    reason=f"{type(error).__name__}: {str(error)[:300]}")
+        return common.failed_point(error)
     finally:
         del cache
         torch.compiler.reset()  # each point compiles its own step; drop the last one's graphs

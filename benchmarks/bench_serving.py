@@ -67,8 +67,7 @@ def decode_rate(variant: str, model, shape, batch: int, args, device, dtype, ste
                     tokens_per_s=batch * 1e3 / timing["ms_median"],
                     tokens_per_s_mean=batch * 1e3 / timing["ms_mean"], **timing)
     except Exception as error:  # noqa: BLE001 - one bad point must not end the run
-        return dict(status="oom" if common.is_oom(error) else "error", batch=batch,
-                    reason=f"{type(error).__name__}: {str(error)[:300]}")
+        return dict(common.failed_point(error), batch=batch)
     finally:
         del cache
         common.release(device)

@@ -337,6 +337,11 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def failed_point(error: BaseException) -> dict:
+    """The row of a point that raised: oom or error, and why."""
+    return dict(status="oom" if is_oom(error) else "error", reason=f"{type(error).__name__}: {str(error)[:300]}")
+
+
 class Deadline:
     """Stops new work after `seconds` (None: never)."""
 
