@@ -196,3 +196,57 @@ def test_bad_arguments_are_one_line_before_any_work(args, message, tmp_path, cap
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------- the centroid dividend
+@pytest.mark.parametrize("name", [n for n in E.METHODS if E.has_control(n)])
+def test_eviction_control_keeps_the_ranking_and_merges_nothing(name):
+    from centroidkv.policies.protection import protected_count, top_tokens
+
+    method, control = E.make_method(name), E.make_method(name + E.CONTROL)
+    assert control == E.EvictionControl(ranked=method, size_bias=method.size_bias)
+    region = _region()
+    k, v, s = control.compress(region)
+    assert torch.equal(s, torch.ones(1, 3, 96))  # every slot one exact token, nothing merged
+    kept = top_tokens(method.ranking(region, region.budget), region.budget)[0]
+    torch.testing.assert_close(k, region.keys.gather(2, kept[..., None].expand(-1, -1, -1, 16)))
+    if method.info_share == 0 and method.wide_share == 0 and not isinstance(method, E.ProtectedVariant):
+        # one ranking for every count: the control keeps all the tokens the method protects
+        protect = protected_count(region.budget, method.protect_fraction)
+        protected = top_tokens(method.ranking(region, protect), protect)[0]
+        assert all(set(protected[0, h].tolist()) <= set(kept[0, h].tolist()) for h in range(3))
+
+
+def test_methods_without_a_ranking_have_no_control():
+    assert "default" in [n for n in E.METHODS if E.has_control(n)] and not E.has_control("paper")
+    with pytest.raises(ValueError, match="no eviction control"):
+        E.make_method("paper" + E.CONTROL)
+    with pytest.raises(ValueError, match="unknown method"):
+        E.make_method("nope" + E.CONTROL)
+
+
+def test_dividend_pairs_each_sample_with_its_control():
+    from centroidkv.eval.report import dividend, markdown
+
+    records = []
+    for sample, (ours, control) in enumerate([(0.01, 0.02), (0.03, 0.02), (0.01, 0.04)]):
+        for method, kl in (("default", ours), ("default+evict", control)):
+            records.append(dict(setting="prose", task="prose", length=1024, sample=sample, method=method,
+                                ratio=0.75, kl=kl, top1=1.0, ppl=1.0))
+    for sample, (ours, control) in enumerate([(1.0, 0.0), (1.0, 1.0), (0.0, 1.0), (1.0, 0.0)]):
+        for method, score in (("default", ours), ("default+evict", control)):
+            records.append(dict(setting="question_after", task="passkey", length=1024, sample=sample,
+                                method=method, ratio=0.75, score=score))
+    prose, after = dividend(records)  # sorted by setting
+    assert prose["n"] == 3 and prose["better"] == 2
+    assert prose["dividend"] == pytest.approx(1 - (0.05 / 3) / (0.08 / 3))
+    assert after["n"] == 4 and after["better"] == 2 and after["dividend"] == pytest.approx(0.25)
+    assert after["half"] > 0
+    assert "centroid dividend" in markdown(records) and "+38% less KL" in markdown(records)
+
+
+def test_cli_adds_the_controls_when_asked():
+    from centroidkv.eval.cli import _expand
+
+    assert _expand(["full", "default", "paper"], dividend=True) == ["full", "default", "default+evict", "paper"]
+    assert _expand(["default"]) == ["default"]

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from .methods import ABLATIONS, MAIN_METHODS, METHODS
+from .methods import ABLATIONS, CONTROL, MAIN_METHODS, METHODS, has_control, make_method
 from .tasks import TASKS
 
 QUICK = dict(model="random-llama", tasks=["passkey", "niah_multikey", "prose"], lengths=[256],
@@ -30,6 +30,9 @@ def parser() -> argparse.ArgumentParser:
                    help="comma list of compression ratios, each in [0, 1) (default 0.5,0.75)")
     p.add_argument("--methods", type=_csv(str), default=MAIN_METHODS,
                    help=f"comma list, 'main', 'ablations' or 'all'; known: {sorted(METHODS)}")
+    p.add_argument("--dividend", action="store_true",
+                   help=f"also run each clustering method's eviction control (<method>{CONTROL}: same ranking, "
+                        "every slot exact) and report the centroid dividend")
     p.add_argument("--samples", type=int, default=10, help="samples per (task, length)")
     p.add_argument("--prose-samples", type=int, default=3, help="prose texts per length (default 3)")
     p.add_argument("--prose-continuation", type=int, default=128,
@@ -51,11 +54,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _expand(methods: list[str]) -> list[str]:
+def _expand(methods: list[str], dividend: bool = False) -> list[str]:
     out = []
-    for m in methods:
-        out += {"main": MAIN_METHODS, "ablations": ABLATIONS, "all": list(METHODS)}.get(m, [m])
+    for group in methods:
+        for m in {"main": MAIN_METHODS, "ablations": ABLATIONS, "all": list(METHODS)}.get(group, [group]):
+            out += [m, m + CONTROL] if dividend and has_control(m) else [m]
     return list(dict.fromkeys(out))
+
+
+def _known_method(name: str) -> bool:
+    try:
+        make_method(name)
+    except ValueError:
+        return False
+    return True
 
 
 SETTINGS = ("question_in_prompt", "question_after")
@@ -74,7 +86,7 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         ("--ratios", bad(args.ratios, lambda r: 0.0 <= r < 1.0), "each must be in [0, 1)"),
         ("--lengths", bad(args.lengths, lambda n: n >= MIN_LENGTH), f"each must be >= {MIN_LENGTH} tokens"),
         ("--tasks", bad(args.tasks, lambda t: t in TASKS or t == "prose"), f"known: {sorted(TASKS) + ['prose']}"),
-        ("--methods", bad(args.methods, lambda m: m in METHODS), "see --help for the known ones"),
+        ("--methods", bad(args.methods, _known_method), "see --help for the known ones"),
         ("--settings", bad(args.settings, lambda s: s in SETTINGS), f"known: {list(SETTINGS)}"),
         ("--samples", bad([args.samples], lambda n: n >= 1), "must be >= 1"),
         ("--prose-samples", bad([args.prose_samples], lambda n: n >= 1), "must be >= 1"),
@@ -100,7 +112,7 @@ def main(argv=None) -> int:
         for k, v in QUICK.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
-    args.methods = _expand(args.methods)
+    args.methods = _expand(args.methods, args.dividend)
     _check(p, args)
     import torch
 

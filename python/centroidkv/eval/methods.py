@@ -156,6 +156,11 @@ class ProtectedClustering(Method):
                                    region.surprisal, self.info_share, self.info_pool, self.taper,
                                    self.wide_share)[:3]
 
+    def ranking(self, region: Region, protect: int) -> Tensor:
+        """Scores whose top `protect` are the tokens compress keeps exact when it protects that many."""
+        return protection_scores(region.window, region.surprisal, protect, self.info_share, self.pool,
+                                 self.info_pool, self.taper, self.wide_share)
+
 
 def smoothed(info: Tensor, width: int) -> Tensor:
     """Each token's surprisal averaged over `width` neighbours: a span of sustained surprise
@@ -175,8 +180,12 @@ class ProtectedVariant(ProtectedClustering):
     recent_share: float = 0.0
 
     def compress(self, region):
+        ranking = self.ranking(region, protected_count(region.budget, self.protect_fraction))
+        return protect_and_cluster(region.keys, region.values, None, ranking, region.budget,
+                                   self.protect_fraction, self.chunk_size, self.num_merge, 1)[:3]
+
+    def ranking(self, region: Region, protect: int) -> Tensor:
         m = region.keys.shape[2]
-        protect = protected_count(region.budget, self.protect_fraction)
         recent = torch.arange(m - round(self.recent_share * protect), m)
         from_window = round((1.0 - self.info_share) * (protect - len(recent)))
         window = window_ranking(region.window, from_window, self.pool, self.taper, self.wide_share)
@@ -186,9 +195,7 @@ class ProtectedVariant(ProtectedClustering):
             info = smoothed(info, self.info_smooth) if self.info_smooth > 1 else info.float()
             info = pooled_scores(info, self.info_pool).index_fill_(-1, recent, float("-inf"))
         ranking = protection_scores(window, info, protect - len(recent), self.info_share, 1, 1)
-        ranking = ranking.nan_to_num(0.0, posinf=0.0, neginf=-1.0).index_fill_(-1, recent, float("inf"))
-        return protect_and_cluster(region.keys, region.values, None, ranking, region.budget,
-                                   self.protect_fraction, self.chunk_size, self.num_merge, 1)[:3]
+        return ranking.nan_to_num(0.0, posinf=0.0, neginf=-1.0).index_fill_(-1, recent, float("inf"))
 
 
 @dataclass
@@ -273,7 +280,38 @@ ABLATIONS = ["paper_nobias", "paper_halves", "paper_kv", "paper_c8", "paper_c16"
              "paper_c128", "protected90_nobias"]
 
 
+CONTROL = "+evict"  # "<method>+evict": the method's eviction control (eviction_control)
+
+
+@dataclass
+class EvictionControl(Method):
+    """A ranking method's tokens with the centroids' slots given to the next exact tokens: the
+    top `budget` of its ranking kept exact, the rest dropped, nothing merged. (protect_fraction
+    1.0 is not this: it keeps one slot for a centroid of every other token.)"""
+    ranked: Optional[ProtectedClustering] = None
+
+    def compress(self, region):
+        kept, _ = top_tokens(self.ranked.ranking(region, region.budget), region.budget)
+        return _keep(region, kept)
+
+
+def eviction_control(method: Method) -> Method:
+    """What a clustering policy gains over this control at the same budget is its centroid
+    dividend (report.py)."""
+    if isinstance(method, ProtectedClustering):
+        return EvictionControl(ranked=method, size_bias=method.size_bias)
+    raise ValueError(f"centroidkv.eval: {type(method).__name__} has no eviction control at the same "
+                     "ranking (ProtectedClustering and its variants have)")
+
+
+def has_control(name: str) -> bool:
+    return not name.endswith(CONTROL) and name in METHODS and isinstance(METHODS[name](), ProtectedClustering)
+
+
 def make_method(name: str) -> Method:
+    if name.endswith(CONTROL) and name[:-len(CONTROL)] in METHODS:
+        return eviction_control(make_method(name[:-len(CONTROL)]))
     if name not in METHODS:
-        raise ValueError(f"centroidkv.eval: unknown method {name!r}; known: {sorted(METHODS)}")
+        raise ValueError(f"centroidkv.eval: unknown method {name!r}; known: {sorted(METHODS)}, "
+                         f"each of the ProtectedClustering ones also with {CONTROL!r}")
     return METHODS[name]()

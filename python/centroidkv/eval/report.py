@@ -6,6 +6,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from .methods import CONTROL
+
 Z95 = 1.96  # normal approximation of the 95% interval of a mean over n samples
 
 
@@ -46,6 +48,51 @@ def summarize(records: list[dict]) -> dict:
             rel[(setting, method, ratio)].append(mean / full[0])
     average = {k: sum(v) / len(v) for k, v in rel.items()}
     return {"cells": cells, "relative": average}
+
+
+def dividend(records: list[dict]) -> list[dict]:
+    """Each method against its eviction control (<method>+evict), paired over the same samples,
+    per (setting, length, method, ratio). Prose: mean KL of both, the dividend 1 - KL / KL_control
+    and the texts on which the method's KL is lower. Questions: mean score of both over every task,
+    the dividend as the mean paired difference (with its 95% interval) and the samples it wins."""
+    index = {(r["setting"], r["task"], r["length"], r["sample"], r["method"], r["ratio"]): r for r in records}
+    pairs = defaultdict(list)
+    for (setting, task, length, sample, method, ratio), r in index.items():
+        control = index.get((setting, task, length, sample, method + CONTROL, ratio))
+        if control is not None:
+            field = "kl" if setting == "prose" else "score"
+            pairs[(setting, length, method, ratio)].append((r[field], control[field]))
+    rows = []
+    for (setting, length, method, ratio), values in sorted(pairs.items()):
+        ours, control = [v[0] for v in values], [v[1] for v in values]
+        row = dict(setting=setting, length=length, method=method, ratio=ratio, n=len(values),
+                   value=sum(ours) / len(ours), control=sum(control) / len(control))
+        if setting == "prose":  # lower is better
+            row["dividend"] = 1.0 - row["value"] / row["control"] if row["control"] > 0 else 0.0
+            row["better"] = sum(o < c for o, c in values)
+        else:
+            row["dividend"], row["half"], _ = mean_ci([o - c for o, c in values])
+            row["better"] = sum(o > c for o, c in values)
+        rows.append(row)
+    return rows
+
+
+def dividend_markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [f"## centroid dividend: each method against its eviction control ({CONTROL}: the same "
+             "ranking, every slot an exact token)", "",
+             "| setting | length | method | ratio | n | method | control | dividend | better on |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["setting"] == "prose":
+            values, gain = f"KL {r['value']:.4f} | KL {r['control']:.4f}", f"{100 * r['dividend']:+.0f}% less KL"
+        else:
+            values = f"{r['value']:.2f} | {r['control']:.2f}"
+            gain = f"{r['dividend']:+.2f} ± {r['half']:.2f}"
+        lines.append(f"| {r['setting']} | {r['length']} | {r['method']} | {r['ratio']:g} | {r['n']} | {values} | "
+                     f"{gain} | {r['better']} / {r['n']} |")
+    return lines + [""]
 
 
 def _order(methods):
@@ -92,7 +139,7 @@ def markdown(records: list[dict], title: str = "") -> str:
                     lines.append(f"| {m} | {r:g} | {L} | {kl[2]} | {_fmt(kl[0], kl[1], 4)} | "
                                  f"{_fmt(top1[0], top1[1], 3)} | {_fmt(ppl[0], ppl[1], 2)} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + dividend_markdown(dividend(records)))
 
 
 def plot(records: list[dict], out_dir: Path) -> list[Path]:
