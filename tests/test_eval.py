@@ -238,9 +238,9 @@ def test_dividend_pairs_each_sample_with_its_control():
             records.append(dict(setting="question_after", task="passkey", length=1024, sample=sample,
                                 method=method, ratio=0.75, score=score))
     prose, after = dividend(records)  # sorted by setting
-    assert prose["n"] == 3 and prose["better"] == 2
+    assert prose["n"] == 3 and (prose["better"], prose["worse"]) == (2, 1)
     assert prose["dividend"] == pytest.approx(1 - (0.05 / 3) / (0.08 / 3))
-    assert after["n"] == 4 and after["better"] == 2 and after["dividend"] == pytest.approx(0.25)
+    assert after["n"] == 4 and (after["better"], after["worse"]) == (2, 1) and after["dividend"] == pytest.approx(0.25)
     assert after["half"] > 0
     assert "centroid dividend" in markdown(records) and "+38% less KL" in markdown(records)
 

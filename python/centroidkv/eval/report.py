@@ -53,8 +53,8 @@ def summarize(records: list[dict]) -> dict:
 def dividend(records: list[dict]) -> list[dict]:
     """Each method against its eviction control (<method>+evict), paired over the same samples,
     per (setting, length, method, ratio). Prose: mean KL of both, the dividend 1 - KL / KL_control
-    and the texts on which the method's KL is lower. Questions: mean score of both over every task,
-    the dividend as the mean paired difference (with its 95% interval) and the samples it wins."""
+    and the texts on which the method's KL is lower (and higher). Questions: mean score of both over every task,
+    the dividend as the mean paired difference (with its 95% interval) and the samples it wins (and loses)."""
     index = {(r["setting"], r["task"], r["length"], r["sample"], r["method"], r["ratio"]): r for r in records}
     pairs = defaultdict(list)
     for (setting, task, length, sample, method, ratio), r in index.items():
@@ -69,10 +69,10 @@ def dividend(records: list[dict]) -> list[dict]:
                    value=sum(ours) / len(ours), control=sum(control) / len(control))
         if setting == "prose":  # lower is better
             row["dividend"] = 1.0 - row["value"] / row["control"] if row["control"] > 0 else 0.0
-            row["better"] = sum(o < c for o, c in values)
+            row["better"], row["worse"] = sum(o < c for o, c in values), sum(o > c for o, c in values)
         else:
             row["dividend"], row["half"], _ = mean_ci([o - c for o, c in values])
-            row["better"] = sum(o > c for o, c in values)
+            row["better"], row["worse"] = sum(o > c for o, c in values), sum(o < c for o, c in values)
         rows.append(row)
     return rows
 
@@ -82,7 +82,7 @@ def dividend_markdown(rows: list[dict]) -> list[str]:
         return []
     lines = [f"## centroid dividend: each method against its eviction control ({CONTROL}: the same "
              "ranking, every slot an exact token)", "",
-             "| setting | length | method | ratio | n | method | control | dividend | better on |",
+             "| setting | length | method | ratio | n | method | control | dividend | better / worse on |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["setting"] == "prose":
@@ -91,7 +91,7 @@ def dividend_markdown(rows: list[dict]) -> list[str]:
             values = f"{r['value']:.2f} | {r['control']:.2f}"
             gain = f"{r['dividend']:+.2f} ± {r['half']:.2f}"
         lines.append(f"| {r['setting']} | {r['length']} | {r['method']} | {r['ratio']:g} | {r['n']} | {values} | "
-                     f"{gain} | {r['better']} / {r['n']} |")
+                     f"{gain} | {r['better']} / {r['worse']} |")
     return lines + [""]
 
 
