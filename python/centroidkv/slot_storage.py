@@ -154,7 +154,7 @@ class SlotStorage:
             elif self._lengths_dev is not None:  # static: keep the one device copy current
                 self._lengths_dev.add_(new)
         else:
-            self._scatter_new(key_states, value_states)
+            self._write_at_lengths(key_states, value_states)
         self._appended += new
         self._max_len += new
         self.seen += new
@@ -164,11 +164,11 @@ class SlotStorage:
     def append_captured(self, key_states: Tensor, value_states: Tensor) -> None:
         """Static buffers only: writes at the device-side lengths, in place, and counts the tokens
         in `pending` (absorb_pending applies them to the host counters between steps)."""
-        self._scatter_new(key_states, value_states)
+        self._write_at_lengths(key_states, value_states)
         self.seen_dev.add_(key_states.shape[2])
         self.pending += key_states.shape[2]
 
-    def _scatter_new(self, key_states: Tensor, value_states: Tensor) -> None:
+    def _write_at_lengths(self, key_states: Tensor, value_states: Tensor) -> None:
         index = self.new_slot_index(key_states.shape[2])
         # index_put_, not scatter_: torch.compile writes it in place into the static buffers;
         # a scatter_ is functionalised into a copy of the whole buffer on every step.
