@@ -27,7 +27,8 @@ def _region(m=256, heads=3, budget=96, seed=0):
     g = torch.Generator().manual_seed(seed)
     return E.Region(torch.randn(1, heads, m, 16, generator=g), torch.randn(1, heads, m, 8, generator=g),
                     torch.rand(1, heads, m, generator=g), torch.rand(1, heads, m, generator=g), budget,
-                    torch.Generator().manual_seed(1), 3 * torch.rand(1, 1, m, generator=g))
+                    torch.Generator().manual_seed(1), 3 * torch.rand(1, 1, m, generator=g),
+                    torch.rand(1, heads, m, generator=g))
 
 
 def test_surprisal_is_the_next_token_loss():
@@ -250,3 +251,43 @@ def test_cli_adds_the_controls_when_asked():
 
     assert _expand(["full", "default", "paper"], dividend=True) == ["full", "default", "default+evict", "paper"]
     assert _expand(["default"]) == ["default"]
+
+
+# ------------------------------------------------------------ query-agnostic: reconstruction
+def test_reconstruction_methods_rank_by_the_reconstruction_pass():
+    region = _region()
+    spike = torch.zeros_like(region.reconstruction)
+    spike[..., 100:103] = 5.0  # three tokens the repeating queries read most
+    region.reconstruction = spike + 0.01 * region.reconstruction
+    k, _, s = E.make_method("kvzip").compress(region)
+    for h in range(3):
+        kept = {tuple(row.tolist()) for row in k[0, h]}
+        assert all(tuple(region.keys[0, h, t].tolist()) in kept for t in (100, 101, 102))
+    default_rec = E.make_method("default_rec")
+    assert default_rec.scores == "reconstruction" and E.needs_reconstruction(default_rec)
+    assert E.needs_reconstruction(E.make_method("default_rec+evict"))
+    assert not E.needs_reconstruction(E.make_method("default"))
+    torch.testing.assert_close(default_rec.ranking(region, 30), E.make_method("default").ranking(
+        E.Region(**{**region.__dict__, "window": region.reconstruction}), 30))
+    region.reconstruction = None
+    with pytest.raises(ValueError, match="reconstruction"):
+        E.make_method("kvzip").compress(region)
+    with pytest.raises(ValueError, match="scores"):
+        E.ProtectedClustering(scores="question")
+
+
+def test_reconstruction_scores_read_the_context_again():
+    from centroidkv.eval.model import load_model
+    from centroidkv.eval.runner import reconstruction_scores
+    from centroidkv.eval import model as M
+
+    lm = load_model("random-llama")
+    ids = lm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)
+    cache = M.cache_from([], lm.model.config)
+    M.forward(lm, ids, cache, 0, record=True)
+    kv = M.kv_of(cache)
+    scores = reconstruction_scores(lm, kv, ids)
+    assert set(scores) == set(M.compressible_layers(lm.model.config))
+    for layer, s in scores.items():
+        assert s.shape == (1, lm.model.config.num_key_value_heads, len(ids)) and (s > 0).all()
+    assert all(torch.equal(k, k2) for (k, _), (k2, _) in zip(kv, M.kv_of(cache)))  # the cache is untouched

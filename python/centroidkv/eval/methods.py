@@ -9,7 +9,7 @@ baselines and ablations live side by side here so that they run under one protoc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
@@ -30,6 +30,7 @@ class Region:
     budget: int
     generator: torch.Generator
     surprisal: Optional[Tensor] = None  # [1, 1, M] -log p(token | prefix) under the model, nats
+    reconstruction: Optional[Tensor] = None  # [1, H, M] attention while the model repeats the context
 
 
 Result = tuple[Tensor, Tensor, Tensor]  # keys, values, sizes of the `budget` slots
@@ -116,6 +117,25 @@ class H2O(Method):
         return _keep(region, top_tokens(region.totals, region.budget)[0])
 
 
+def _reconstruction(region: Region) -> Tensor:
+    if region.reconstruction is None:
+        raise ValueError("centroidkv.eval: this method ranks by reconstruction attention, which the runner "
+                         "records only for methods that declare it (needs_reconstruction)")
+    return region.reconstruction
+
+
+@dataclass
+class Reconstruction(Method):
+    """Query-agnostic, KVzip-style (Kim et al., 2025): after the context, the model is asked to
+    repeat it and reads it again; each token's score is the attention the repeating queries pay
+    it (summed over them and over each KV head's query group); the top tokens, max-pooled, stay."""
+    pool: int = 7
+
+    def compress(self, region):
+        scores = protection_scores(_reconstruction(region), None, region.budget, 0.0, self.pool)
+        return _keep(region, top_tokens(scores, region.budget)[0])
+
+
 @dataclass
 class KeyNorm(Method):
     """Keeps the tokens with the smallest key L2 norm (Devoto et al., 2024)."""
@@ -145,20 +165,26 @@ class ProtectedClustering(Method):
     info_pool: int = 31
     taper: float = 1.0       # weight of the window pool's outer neighbours (pooled_scores)
     wide_share: float = 0.0  # window slots ranked first by the untapered pool (window_ranking)
+    scores: str = "window"   # what ranks the protected tokens: "window" or "reconstruction" (query-agnostic)
 
     def __post_init__(self):
         if not 0.0 <= self.protect_fraction <= 1.0:
             raise ValueError(f"ProtectedClustering: protect_fraction must be in [0, 1], got {self.protect_fraction}")
+        if self.scores not in ("window", "reconstruction"):
+            raise ValueError(f"ProtectedClustering: scores must be 'window' or 'reconstruction', got {self.scores!r}")
+
+    def attention(self, region: Region) -> Tensor:
+        return region.window if self.scores == "window" else _reconstruction(region)
 
     def compress(self, region):
-        return protect_and_cluster(region.keys, region.values, None, region.window, region.budget,
+        return protect_and_cluster(region.keys, region.values, None, self.attention(region), region.budget,
                                    self.protect_fraction, self.chunk_size, self.num_merge, self.pool,
                                    region.surprisal, self.info_share, self.info_pool, self.taper,
                                    self.wide_share)[:3]
 
     def ranking(self, region: Region, protect: int) -> Tensor:
         """Scores whose top `protect` are the tokens compress keeps exact when it protects that many."""
-        return protection_scores(region.window, region.surprisal, protect, self.info_share, self.pool,
+        return protection_scores(self.attention(region), region.surprisal, protect, self.info_share, self.pool,
                                  self.info_pool, self.taper, self.wide_share)
 
 
@@ -188,7 +214,7 @@ class ProtectedVariant(ProtectedClustering):
         m = region.keys.shape[2]
         recent = torch.arange(m - round(self.recent_share * protect), m)
         from_window = round((1.0 - self.info_share) * (protect - len(recent)))
-        window = window_ranking(region.window, from_window, self.pool, self.taper, self.wide_share)
+        window = window_ranking(self.attention(region), from_window, self.pool, self.taper, self.wide_share)
         window = window.index_fill_(-1, recent, float("-inf"))
         info = region.surprisal
         if info is not None:
@@ -257,6 +283,8 @@ METHODS = {
     "protected90_s30w50": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3, wide_share=0.5,
                                                       taper=0.0),
     "default": product_default,                         # whatever CentroidKVCache uses by default
+    "kvzip": Reconstruction,                            # query-agnostic: reconstruction attention
+    "default_rec": lambda: replace(product_default(), scores="reconstruction"),
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),
@@ -302,6 +330,14 @@ def eviction_control(method: Method) -> Method:
         return EvictionControl(ranked=method, size_bias=method.size_bias)
     raise ValueError(f"centroidkv.eval: {type(method).__name__} has no eviction control at the same "
                      "ranking (ProtectedClustering and its variants have)")
+
+
+def needs_reconstruction(method: Method) -> bool:
+    """Whether the runner must record the reconstruction pass (an extra forward) for `method`."""
+    if isinstance(method, EvictionControl):
+        method = method.ranked
+    return isinstance(method, Reconstruction) or (isinstance(method, ProtectedClustering)
+                                                  and method.scores == "reconstruction")
 
 
 def has_control(name: str) -> bool:

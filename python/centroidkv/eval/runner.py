@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import model as M
-from .methods import Full, Region, make_method
+from .methods import Full, Region, make_method, needs_reconstruction
 from .tasks import Sample, leading_special_ids, make_samples, prose_texts
 
 
@@ -86,11 +86,27 @@ def surprisal(logits: Tensor, ids: list[int], first: float = 0.0) -> Tensor:
     return torch.cat([torch.tensor([first]), nll])
 
 
+REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n\n"
+
+
+def reconstruction_scores(lm: M.LoadedModel, kv, ids: list[int]) -> dict:
+    """{layer: [1, Hkv, len(ids)]}: attention the context's tokens get while the model, asked to
+    repeat the context, reads it again after it (KVzip-style, query-agnostic), summed over the
+    repeating queries and each KV head's query group. One extra forward of about the context's
+    length; the cache `kv` is not changed."""
+    repeat = lm.tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False)
+    M.forward(lm, repeat + ids, M.cache_from(kv, lm.model.config), len(ids), record=True, last_only=True)
+    kv_heads = lm.model.config.num_key_value_heads
+    return {i: _group_sum(lm.state.totals[i][..., :len(ids)], kv_heads)
+            for i in M.compressible_layers(lm.model.config)}
+
+
 def compress_cache(kv, window: dict, totals: dict, method, budget: Budget, seed: int,
-                   info: Optional[Tensor] = None):
+                   info: Optional[Tensor] = None, reconstruction: Optional[dict] = None):
     """Per-layer (keys, values) -> compressed (keys, values) and sizes {layer: [1, H, Lc]}.
     Only the layers that have scores (window and totals, keyed by layer) are compressed; the
-    others (sliding-window layers) are passed through unchanged. `info`: surprisal per token."""
+    others (sliding-window layers) are passed through unchanged. `info`: surprisal per token;
+    `reconstruction`: reconstruction_scores, for the methods that need them."""
     if isinstance(method, Full) or budget.middle == 0:
         return kv, {}
     out, sizes = [], {}
@@ -102,7 +118,8 @@ def compress_cache(kv, window: dict, totals: dict, method, budget: Budget, seed:
         gen = torch.Generator().manual_seed(seed * 1000 + layer)
         region = Region(k[:, :, lo:hi], v[:, :, lo:hi], window[layer][..., lo:hi].cpu(),
                         totals[layer][..., lo:hi].cpu(), budget.kept, gen,
-                        None if info is None else info[lo:hi].view(1, 1, -1))
+                        None if info is None else info[lo:hi].view(1, 1, -1),
+                        None if reconstruction is None else reconstruction[layer][..., lo:hi].cpu())
         ck, cv, cs = method.compress(region)
         assert ck.shape[2] == budget.kept, (type(method).__name__, ck.shape, budget.kept)
         ones = torch.ones(1, k.shape[1], 1, device=k.device)
@@ -193,14 +210,18 @@ def run_sample(lm: M.LoadedModel, cfg: Config, sample: Sample, methods: dict, wr
                 rows = rows_q if need <= 0 else torch.cat([_pad_to(rows_ctx[i][:, :, -need:], p), rows_q], 2)
                 window[i] = _window_scores(rows, kv_heads)
                 totals[i] = _group_sum(_pad_to(totals_ctx[i], p) + state.totals[i], kv_heads)
+        rebuilt = None  # reconstruction scores of this setting's prompt, made when a method needs them
         for name, ratio in methods:
             method = make_method(name)
             budget = split_budget(p, ratio, cfg.sink, cfg.min_tail)
             t0 = time.perf_counter()
+            if rebuilt is None and needs_reconstruction(method):
+                rebuilt = reconstruction_scores(lm, kv, (ctx_ids + q_ids)[:p])
             if isinstance(method, Full) and full_answer is not None:
                 answer = full_answer  # the full cache gives the same answer in both settings
             else:
-                ckv, sizes = compress_cache(kv, window, totals, method, budget, cfg.seed + sample.index, info)
+                ckv, sizes = compress_cache(kv, window, totals, method, budget, cfg.seed + sample.index, info,
+                                            rebuilt)
                 answer = generate(lm, ckv, sizes, feed, p, sample)
             if isinstance(method, Full):
                 full_answer = answer
@@ -223,11 +244,13 @@ def run_prose(lm: M.LoadedModel, cfg: Config, length: int, index: int, ids: list
     totals = {i: _group_sum(state.totals[i], kv_heads) for i in layers}
     cont = ids[prefix_len:]
     targets = torch.tensor(cont[1:])
-    full_logp = None
+    full_logp, rebuilt = None, None
     for name, ratio in methods:
         method = make_method(name)
         budget = split_budget(prefix_len, ratio, cfg.sink, cfg.min_tail)
-        ckv, sizes = compress_cache(kv, window, totals, method, budget, cfg.seed + index, info)
+        if rebuilt is None and needs_reconstruction(method):
+            rebuilt = reconstruction_scores(lm, kv, ids[:prefix_len])
+        ckv, sizes = compress_cache(kv, window, totals, method, budget, cfg.seed + index, info, rebuilt)
         logits = M.forward(lm, cont[:-1], M.cache_from(ckv, lm.model.config), prefix_len, sizes=sizes)
         logp = torch.log_softmax(logits, -1)
         if full_logp is None:
