@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 import e2e_common as common  # noqa: E402
-from e2e_common import GB, CentroidKVCache, cache_argument, log  # noqa: E402
+from e2e_common import GB, CentroidKVCache, log  # noqa: E402
 
 FULL = ("stock_eager", "static_eager", "static_compiled", "ckv_0_eager", "ckv_0_compiled")
 MARGIN_GB = 3.0  # activations, logits, CUDA graph pools, allocator slack
@@ -107,24 +107,7 @@ def prepare(variant: str, model, shape, batch: int, context: int, args, device):
         common.use_attention(model, "centroidkv")
         cache = make_cache(variant, args, context)
         common.fill_centroidkv(cache, shape, batch, context, device, dtype)
-    name = cache_argument(model)
-
-    def forward(token, position):
-        return model(input_ids=token, position_ids=position, use_cache=True, logits_to_keep=1,
-                     **{name: cache}).logits
-
-    if variant.endswith("_compiled"):
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        forward = torch.compile(forward, fullgraph=True, mode=mode, dynamic=False)
-    settle = cache.settle if isinstance(cache, CentroidKVCache) else (lambda: None)
-    token = torch.randint(shape.vocab, (batch, 1), device=device)
-    position = torch.full((batch, 1), context, device=device)
-
-    def step(i: int) -> None:
-        forward(token, position + i)
-        settle()
-
-    return cache, step
+    return cache, common.decode_step(model, cache, batch, context, device, variant.endswith("_compiled"))
 
 
 def run_point(variant, model, shape, batch, context, args, device, weights) -> dict:

@@ -16,6 +16,9 @@ step). The full cache decodes with the preallocated in-place cache and the centr
 op (clustering off; the fastest full path in bench_decode) and, where it fits, with stock
 DynamicCache + SDPA (fewer steps: it is slow). tokens/s = sequences / step time, from the median
 step and from the mean step (the mean includes the steps that cluster a block).
+--captured: every cache but stock has max_cache_len (static buffers, their bytes counted) and
+each step is compiled (CUDA graphs on a GPU, bench_captured_decode.py), and transformers'
+StaticCache decodes compiled too (static_compiled): speed at equal memory without host time.
 
     python benchmarks/bench_serving.py --json serving.json             # GPU, Llama-3-8B shape
     python benchmarks/bench_serving.py --tiny --json /tmp/serving.json # CPU smoke test
@@ -23,6 +26,7 @@ step and from the mean step (the mean includes the steps that cluster a block).
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 import torch
 
@@ -32,9 +36,9 @@ from e2e_common import GB, CentroidKVCache, log
 
 @torch.inference_mode()
 def peak_bytes_per_sequence(ratio: float, shape, prompt: int, generate: int, device, dtype,
-                            policy: str = "plain") -> dict:
+                            policy: str = "plain", horizon: Optional[int] = None) -> dict:
     """Most bytes one CentroidKVCache row holds over a request (all layers), by running one layer."""
-    cache = CentroidKVCache(ratio=ratio, policy=common.make_policy(policy))
+    cache = CentroidKVCache(ratio=ratio, policy=common.make_policy(policy), max_cache_len=horizon)
     one_layer = common.Shape(**{**shape.__dict__, "layers": 1})
     common.fill_centroidkv(cache, one_layer, 1, prompt, device, dtype)
     layer = cache.layers[0]
@@ -42,7 +46,8 @@ def peak_bytes_per_sequence(ratio: float, shape, prompt: int, generate: int, dev
     token = torch.randn(1, shape.kv_heads, 1, shape.head_dim, device=device, dtype=dtype)
     for _ in range(generate):
         layer.update(token, torch.randn_like(token))
-        layer.settle()  # what the "centroidkv" attention calls after every layer
+        layer.attention_inputs()  # what the "centroidkv" attention reads, then settles
+        layer.settle(between_steps=True)
         peak, live_max = max(peak, layer.memory_bytes()), max(live_max, layer.lengths[0])
     return dict(bytes=peak * shape.layers, live_slots_max=live_max, capacity_end=layer.capacity)
 
@@ -50,19 +55,25 @@ def peak_bytes_per_sequence(ratio: float, shape, prompt: int, generate: int, dev
 def decode_rate(variant: str, model, shape, batch: int, args, device, dtype, steps: int) -> dict:
     cache = None
     try:
+        horizon = args.prompt + args.generate
         if variant == "stock":
             common.use_attention(model, "sdpa")
             cache = common.fill_dynamic(model, shape, batch, args.prompt, device, dtype)
+        elif variant == "static_compiled":
+            common.use_attention(model, "sdpa")
+            cache = common.fill_static(model, shape, batch, args.prompt, horizon, device, dtype)
         else:
             common.use_attention(model, "centroidkv")
             ratio = 0.0 if variant == "full_inplace" else args.ratio
-            cache = CentroidKVCache(ratio=ratio, policy=common.make_policy(args.policy))
+            cache = CentroidKVCache(ratio=ratio, policy=common.make_policy(args.policy),
+                                    max_cache_len=horizon if args.captured else None)
             # The full cache is preallocated for the whole request, as a serving system would.
-            capacity = args.prompt + args.generate if ratio == 0 else None
+            capacity = horizon if ratio == 0 else None
             common.fill_centroidkv(cache, shape, batch, args.prompt, device, dtype, capacity=capacity)
         held = common.cache_bytes(cache)
-        tokens = torch.randint(shape.vocab, (batch, 1), device=device)
-        timing = common.time_steps(device, lambda i: common.forward(model, tokens, cache), args.warmup, steps)
+        compiled = args.captured and variant != "stock"
+        step = common.decode_step(model, cache, batch, args.prompt, device, compiled)
+        timing = common.time_steps(device, step, args.warmup + compiled, steps)
         return dict(status="ok", batch=batch, kv_bytes_held=held,
                     tokens_per_s=batch * 1e3 / timing["ms_median"],
                     tokens_per_s_mean=batch * 1e3 / timing["ms_mean"], **timing)
@@ -84,7 +95,8 @@ def run(model, shape, args, device, dtype, deadline) -> dict:
         budget = 4 * full_per_seq
     else:
         budget = free - args.margin_gb * GB
-    ckv = peak_bytes_per_sequence(args.ratio, shape, args.prompt, args.generate, device, dtype, args.policy)
+    ckv = peak_bytes_per_sequence(args.ratio, shape, args.prompt, args.generate, device, dtype, args.policy,
+                                  args.prompt + args.generate if args.captured else None)
     fits = {"full": int(budget // full_per_seq), f"ckv_{args.ratio:g}": int(budget // ckv["bytes"])}
     fits = {k: min(v, args.max_batch) for k, v in fits.items()}
     out = dict(prompt=args.prompt, generate=args.generate, ratio=args.ratio, kv_budget_bytes=budget,
@@ -98,6 +110,8 @@ def run(model, shape, args, device, dtype, deadline) -> dict:
         f"ckv_{args.ratio:g} {ckv['bytes'] / GB:.3f} GB/seq -> {fits[f'ckv_{args.ratio:g}']} seqs")
     plan = [("full_inplace", fits["full"], args.steps), (f"ckv_{args.ratio:g}", fits[f"ckv_{args.ratio:g}"], args.steps),
             ("stock", fits["full"], args.stock_steps)]
+    if args.captured:
+        plan.insert(1, ("static_compiled", fits["full"], args.steps))
     for variant, batch, steps in plan:
         if batch < 1:
             out["runs"][variant] = dict(status="skipped", reason="no sequence fits the budget")
@@ -118,7 +132,7 @@ def run(model, shape, args, device, dtype, deadline) -> dict:
     runs = out["runs"]
     ckv_run = runs.get(f"ckv_{args.ratio:g}", {})
     if ckv_run.get("status") == "ok":
-        for base in ("full_inplace", "stock"):
+        for base in ("full_inplace", "static_compiled", "stock"):
             if runs.get(base, {}).get("status") == "ok":
                 out[f"throughput_vs_{base}"] = ckv_run["tokens_per_s"] / runs[base]["tokens_per_s"]
                 out[f"throughput_vs_{base}_mean"] = ckv_run["tokens_per_s_mean"] / runs[base]["tokens_per_s_mean"]
@@ -135,14 +149,14 @@ def print_table(payload: dict) -> None:
     log(header)
     log("-" * len(header))
     for variant, r in s["runs"].items():
-        key = "full" if variant in ("full_inplace", "stock") else variant
+        key = "full" if variant in ("full_inplace", "static_compiled", "stock") else variant
         per_seq = s["bytes_per_sequence"][key] / GB
         if r["status"] == "ok":
             log(f"{variant:<13} {per_seq:>8.4g} {r['batch']:>5} {r['ms_median']:>9.2f} "
                 f"{r['tokens_per_s']:>9.1f} {r['tokens_per_s_mean']:>11.1f}")
         else:
             log(f"{variant:<13} {per_seq:>8.4g} {'-':>5} {r['status']}: {r.get('reason', '')}")
-    for key in ("sequences_ratio", "throughput_vs_full_inplace", "throughput_vs_stock"):
+    for key in ("sequences_ratio", "throughput_vs_full_inplace", "throughput_vs_static_compiled", "throughput_vs_stock"):
         if key in s:
             log(f"  {key}: {s[key]:.2f}x")
 
@@ -154,6 +168,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generate", type=int, default=None)
     parser.add_argument("--ratio", type=float, default=0.75)
     common.add_policy_argument(parser)
+    parser.add_argument("--captured", action="store_true",
+                        help="static buffers and compiled (CUDA-graph) decode steps; StaticCache compiled too")
     parser.add_argument("--kv-budget-gb", type=float, default=None)
     parser.add_argument("--margin-gb", type=float, default=8.0,
                         help="memory kept free besides the KV budget (activations, allocator slack)")

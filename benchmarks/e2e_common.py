@@ -267,6 +267,30 @@ def cache_bytes(cache) -> int:
     return dynamic_cache_bytes(cache).total
 
 
+def decode_step(model, cache, batch: int, position: int, device, compiled: bool) -> Callable[[int], None]:
+    """step(i): decodes one token per row at `position` + i and settles a CentroidKVCache (its
+    host part between captured steps). compiled: torch.compile(fullgraph=True) of one token's
+    forward, with CUDA graphs (mode="reduce-overhead") on a GPU."""
+    name = cache_argument(model)
+
+    def one_token(token, positions):
+        return model(input_ids=token, position_ids=positions, use_cache=True, logits_to_keep=1,
+                     **{name: cache}).logits
+
+    if compiled:
+        mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+        one_token = torch.compile(one_token, fullgraph=True, mode=mode, dynamic=False)
+    settle = cache.settle if isinstance(cache, CentroidKVCache) else (lambda: None)
+    token = torch.randint(model.config.vocab_size, (batch, 1), device=device)
+    positions = torch.full((batch, 1), position, device=device)
+
+    def step(i: int) -> None:
+        one_token(token, positions + i)
+        settle()
+
+    return step
+
+
 # ------------------------------------------------------------------------------- timing
 def sync(device) -> None:
     if torch.device(device).type == "cuda":

@@ -8,13 +8,14 @@
 # a short summary is printed last.
 #   OUT=gpu_out bash benchmarks/gpu_all.sh
 #   STAGES="build tests bench_merge" OUT=gpu_out bash benchmarks/gpu_all.sh
-#   STAGES="build tests captured" ...    the captured-decode check alone, under 8 minutes
+#   STAGES="build captured" ...    the captured-decode check alone, under 8 minutes
+#   STAGES="build serving_captured" ...  serving at equal memory with captured steps
 #   E2E_POLICY=default ... runs the end-to-end part with CentroidKVCache's default policy (plain: the paper's)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 LOGS=$(mktemp -d)
-STAGES=${STAGES:-"build memcheck racecheck tests bench_merge bench_attention captured prefill e2e"}
+STAGES=${STAGES:-"build memcheck racecheck tests bench_merge bench_attention captured serving_captured prefill e2e"}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CENTROIDKV_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/python
 PY=${PYTHON:-python3}
@@ -119,6 +120,15 @@ if want captured; then
     --points 8x32768 8x65536 1x8192 16x32768 1x131072 --deadline-s "${CAPTURED_BUDGET:-280}" \
     --json "$LOGS/captured.json" > "$LOGS/captured.txt" 2>&1
   summary+=("captured: rc=$?"); tail -24 "$LOGS/captured.txt"; pack
+fi
+
+if want serving_captured; then
+  # Serving at equal KV memory with captured steps: CentroidKV 0.75 against the in-place full
+  # cache and StaticCache, both compiled (32k prompts, 256 generated).
+  step serving_captured
+  timeout "${SERVING_TIMEOUT:-300}" $PY benchmarks/bench_serving.py --captured --policy "${E2E_POLICY:-default}" \
+    --deadline-s 240 --json "$LOGS/serving_captured.json" > "$LOGS/serving_captured.txt" 2>&1
+  summary+=("serving_captured: rc=$?"); tail -12 "$LOGS/serving_captured.txt"; pack
 fi
 
 if want prefill; then

@@ -160,6 +160,15 @@ def test_bench_captured_decode_tiny(tmp_path):
     assert data["bandwidth_gbs"] > 0 and data["env"]["device"].startswith("CPU")
 
 
+def test_bench_serving_captured_tiny(tmp_path):
+    data = run_script("bench_serving.py", "--captured", tmp_path=tmp_path)
+    s = data["serving"]
+    for variant in ("full_inplace", "static_compiled", "ckv_0.75", "stock"):
+        assert s["runs"][variant]["status"] == "ok", s["runs"][variant]
+    assert s["sequences"]["ckv_0.75"] > s["sequences"]["full"] == 4
+    assert s["throughput_vs_static_compiled"] > 0 and s["throughput_vs_full_inplace"] > 0
+
+
 def test_deadline_skips_points(tmp_path):
     data = run_script("bench_decode.py", "--contexts", "256", "--batches", "1", "--deadline-s", "0",
                       "--min-point-s", "1", tmp_path=tmp_path)
