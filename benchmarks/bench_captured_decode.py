@@ -258,9 +258,7 @@ def main(argv=None, model=None) -> dict:
     args = parser.parse_args(argv)
     if args.tiny:
         args.model = "tiny"
-    for name, (gpu, tiny) in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, tiny if args.tiny else gpu)
+    common.fill_defaults(args, DEFAULTS)
     if args.no_eager and args.variants is None:
         args.variants = variant_names(args.ratios, False)
     device = common.pick_device(args.device)

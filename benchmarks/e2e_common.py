@@ -271,7 +271,7 @@ def decode_step(model, cache, batch: int, position: int, device, compiled: bool)
     """step(i): decodes one token per row at `position` + i and settles a CentroidKVCache (its
     host part between captured steps). compiled: torch.compile(fullgraph=True) of one token's
     forward, with CUDA graphs (mode="reduce-overhead") on a GPU."""
-    name = cache_argument(model)
+    name = cache_argument(model)  # once, not per step (it inspects the forward's signature)
 
     def one_token(token, positions):
         return model(input_ids=token, position_ids=positions, use_cache=True, logits_to_keep=1,
@@ -399,13 +399,18 @@ class Run:
     model: object
 
 
-def start(parser, argv, defaults: dict, model=None, max_positions: Optional[Callable] = None) -> Run:
-    """Parses argv, fills each argument left at None from defaults {name: (gpu, tiny)}, picks the
-    device and builds the model (unless one is given) for max_positions(args) positions."""
-    args = parser.parse_args(argv)
+def fill_defaults(args, defaults: dict):
+    """Each argument left at None takes its default from {name: (gpu, tiny)} (tiny with --tiny)."""
     for name, (gpu, tiny) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else gpu)
+    return args
+
+
+def start(parser, argv, defaults: dict, model=None, max_positions: Optional[Callable] = None) -> Run:
+    """Parses argv, fills each argument left at None from defaults {name: (gpu, tiny)}, picks the
+    device and builds the model (unless one is given) for max_positions(args) positions."""
+    args = fill_defaults(parser.parse_args(argv), defaults)
     device = pick_device(args.device)
     shape = TINY if args.tiny else LLAMA3_8B
     deadline = Deadline(args.deadline_s)

@@ -530,7 +530,7 @@ class CentroidKVCache(Cache):
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(CentroidKVLayer(self.options, self.token_score_gate))
-        if key_states.shape[2] == 1 and key_states.is_cuda and not self.options.captures:
+        if layer_idx == 0 and key_states.shape[2] == 1 and key_states.is_cuda and not self.options.captures:
             note_once("CentroidKVCache: decode steps run eagerly on the GPU; pass max_cache_len= "
                       "(prompt + new tokens) to capture them (generate() then compiles one step)")
         return self.layers[layer_idx].update(key_states, value_states)

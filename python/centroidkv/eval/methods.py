@@ -316,7 +316,7 @@ class EvictionControl(Method):
     """A ranking method's tokens with the centroids' slots given to the next exact tokens: the
     top `budget` of its ranking kept exact, the rest dropped, nothing merged. (protect_fraction
     1.0 is not this: it keeps one slot for a centroid of every other token.)"""
-    ranked: Optional[ProtectedClustering] = None
+    ranked: ProtectedClustering
 
     def compress(self, region):
         kept, _ = top_tokens(self.ranked.ranking(region, region.budget), region.budget)
