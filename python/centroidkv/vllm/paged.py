@@ -1,0 +1,87 @@
+"""Tensor work on a paged KV cache: writing tokens, attention over a request's live blocks, and
+clustering a group of blocks in place. Plain torch on any device; no vLLM import, so the tests
+run it without vLLM.
+
+One layer's cache: keys and values [num_blocks, H, block_size, D] (vLLM's CPU layout, head-major
+inside a block) and sizes [num_blocks, H, block_size] float32, the tokens each slot stands for.
+A request's blocks are a row of block ids indexed by logical block (position // block_size).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..compress import compress
+from ..ops import attention
+from .plan import MergePlan
+
+
+def write_tokens(key_cache: Tensor, value_cache: Tensor, sizes: Tensor, key: Tensor, value: Tensor,
+                 slot_mapping: Tensor) -> None:
+    """Stores new tokens ([T, H, D]) at their slots (block * block_size + offset; negative =
+    padding, skipped) with size 1."""
+    block_size = key_cache.shape[2]
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    key_cache[blocks, :, offsets] = key.to(key_cache.dtype)
+    value_cache[blocks, :, offsets] = value.to(value_cache.dtype)
+    sizes[blocks, :, offsets] = 1.0
+
+
+def gather_blocks(cache: Tensor, block_ids: Tensor, length: int) -> Tensor:
+    """[H, length, ...] of the given blocks' slots in order (cache [N, H, bs, ...])."""
+    picked = cache[block_ids]  # [nb, H, bs, ...]
+    picked = picked.transpose(0, 1).reshape(picked.shape[1], -1, *picked.shape[3:])
+    return picked[:, :length]
+
+
+def attend(query: Tensor, key_cache: Tensor, value_cache: Tensor, sizes: Tensor, live_block_ids: Tensor,
+           live_tokens: int, scale: float) -> Tensor:
+    """Causal attention of one request's new queries [Tq, Hq, D] over its live blocks; the last Tq
+    of the `live_tokens` slots are the queries' own tokens. Returns [Tq, Hq, Dv]."""
+    keys = gather_blocks(key_cache, live_block_ids, live_tokens)
+    values = gather_blocks(value_cache, live_block_ids, live_tokens)
+    slot_sizes = gather_blocks(sizes, live_block_ids, live_tokens)
+    out = attention(query.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                    slot_sizes.unsqueeze(0), scale=scale)
+    return out[0].transpose(0, 1)
+
+
+def cluster_groups(key_cache: Tensor, value_cache: Tensor, sizes: Tensor, group_block_ids: Tensor,
+                   plan: MergePlan) -> None:
+    """Clusters groups of blocks in place: group_block_ids [N, G] (each row one group's blocks in
+    logical order); the centroids fill each row's first K blocks. Every (group, KV head) is
+    clustered on its own (SPEC.md), so no data crosses heads or tensor-parallel ranks."""
+    num_groups, group = group_block_ids.shape
+    if num_groups == 0:
+        return
+    heads, bs = key_cache.shape[1], plan.block_size
+    length = group * bs
+
+    def gather(cache: Tensor) -> Tensor:  # [N, H, G * bs, ...]
+        picked = cache[group_block_ids]  # [N, G, H, bs, ...]
+        return picked.transpose(1, 2).reshape(num_groups, heads, length, *cache.shape[3:])
+
+    keys, values, slot_sizes = compress(gather(key_cache), gather(value_cache), gather(sizes),
+                                        ratio=plan.ratio, chunk_size=plan.chunk_size)
+    kept = group_block_ids[:, :plan.kept_blocks].reshape(-1)
+
+    def scatter(cache: Tensor, merged: Tensor) -> None:
+        merged = merged.reshape(num_groups, heads, plan.kept_blocks, bs, *cache.shape[3:]).transpose(1, 2)
+        cache[kept] = merged.reshape(-1, heads, bs, *cache.shape[3:]).to(cache.dtype)
+
+    scatter(key_cache, keys)
+    scatter(value_cache, values)
+    scatter(sizes, slot_sizes)
+
+
+def groups_to_cluster(block_table_row: Tensor, plan: MergePlan, tokens_before: int, tokens_after: int) -> Tensor:
+    """[N, G] block ids of the groups a step that took a request from `tokens_before` to
+    `tokens_after` tokens makes old enough to cluster."""
+    first, last = plan.clustered_groups(tokens_before), plan.clustered_groups(tokens_after)
+    rows = [block_table_row[plan.first_block(g):plan.first_block(g) + plan.group_blocks] for g in range(first, last)]
+    if not rows:
+        return block_table_row.new_empty((0, plan.group_blocks))
+    return torch.stack(rows)
