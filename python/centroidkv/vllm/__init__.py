@@ -1,1 +1,32 @@
-"""CentroidKV inside vLLM (work in progress): the merge plan and the paged tensor work."""
+"""CentroidKV inside vLLM: full KV blocks are clustered online and the freed blocks go back to
+vLLM's block pool, so more requests fit. A vLLM plugin, no fork:
+
+    pip install "centroidkv[vllm]"
+    LLM(model, enable_prefix_caching=False,
+        additional_config={"centroidkv": {"ratio": 0.75}})      # options: options.DEFAULTS
+
+With the package installed, vLLM loads `register` in every process (entry point
+`vllm.general_plugins`); without the `centroidkv` key an engine runs exactly as stock vLLM.
+plan.py says which blocks are clustered and when (scheduler and workers derive it from token
+counts alike), paged.py does the tensor work, spec.py frees blocks on the scheduler side and
+cpu_backend.py clusters them in the CPU attention backend.
+"""
+from __future__ import annotations
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """vLLM's plugin hook: puts the CentroidKV CPU backend in place of vLLM's CPU attention
+    backend (it behaves as the original unless an engine asks for clustering) and registers the
+    clustered KV spec with its block manager. Safe to call more than once."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    from .spec import register_spec
+
+    register_spec()
+    register_backend(AttentionBackendEnum.CPU_ATTN, "centroidkv.vllm.cpu_backend.CentroidKVCPUBackend")
+    _REGISTERED = True
