@@ -1,0 +1,140 @@
+"""centroidkv.vllm in a real vLLM engine (CPU, SmolLM2-135M, eager, in-process): off it equals
+stock vLLM, on it equals the transformers CentroidKVCache, and the blocks it frees admit more
+requests. Needs vLLM (`pip install centroidkv[vllm]`); CI runs it in a job of its own.
+
+One engine per configuration (engine starts dominate the time): each runs every workload once
+and the tests compare what they recorded.
+"""
+import gc
+import os
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: inspectable
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import centroidkv  # noqa: E402
+from centroidkv.cache import cache_argument  # noqa: E402
+from centroidkv.policies import PlainClustering  # noqa: E402
+from centroidkv.vllm.model_folder import smollm2_folder  # noqa: E402
+from centroidkv.vllm.plan import MergePlan  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 32
+POOL = 4 * 26 + 1  # four uncompressed capacity requests (26 blocks each) and the null block
+NEW = 40
+RATIO = 0.75
+SENTENCE = "The quick brown fox jumps over the lazy dog while the cat watches from the old wooden fence. "
+
+
+def _engine_kwargs(centroidkv_options):
+    extra = {} if centroidkv_options is None else {"additional_config": {"centroidkv": centroidkv_options}}
+    return dict(max_model_len=2048, enforce_eager=True, dtype="float32", block_size=BLOCK, seed=0,
+                enable_prefix_caching=False, num_gpu_blocks_override=POOL, max_num_batched_tokens=4096,
+                max_num_seqs=64, **extra)
+
+
+def _prompts(tokenizer, lengths):
+    """Token-id prompts of the given lengths, each a different slice of varied text."""
+    words = (SENTENCE * 8 + "Numbers: " + " ".join(str(i * 37 % 1000) for i in range(400))).split()
+    text = " ".join(words * 4)
+    ids = tokenizer(text).input_ids
+    return [ids[7 * i:7 * i + n] for i, n in enumerate(lengths)]
+
+
+def _run(folder, options):
+    """Generates the comparison batch and the capacity workload on one engine; returns what the
+    tests check (tokens, logprobs, peak running requests, finished count)."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(folder), **_engine_kwargs(options))
+    tokenizer = llm.get_tokenizer()
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, logprobs=1)
+    batch = _prompts(tokenizer, [300, 701, 1100])
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], greedy, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    logprobs = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs]
+
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    schedule, peak = scheduler.schedule, [0]
+
+    def counting_schedule(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        peak[0] = max(peak[0], len(scheduler.running))
+        return out
+
+    scheduler.schedule = counting_schedule
+    capacity = _prompts(tokenizer, [800] * 16)
+    short = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    finished = llm.generate([{"prompt_token_ids": p} for p in capacity], short, use_tqdm=False)
+    result = {"batch": batch, "tokens": tokens, "logprobs": logprobs, "peak": peak[0],
+              "finished": sum(len(o.outputs[0].token_ids) == 8 for o in finished)}
+    del llm
+    gc.collect()
+    return result
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return smollm2_folder(tmp_path_factory.getbasetemp() / "smollm2-vllm")
+
+
+@pytest.fixture(scope="module")
+def runs(folder):
+    return {"stock": _run(folder, None), "off": _run(folder, {"ratio": 0.0}),
+            "on": _run(folder, {"ratio": RATIO, "recent": 64, "sink": 4, "chunk_size": 32})}
+
+
+def test_plugin_with_ratio_0_equals_stock_vllm(runs):
+    stock, off = runs["stock"], runs["off"]
+    assert off["tokens"] == stock["tokens"]
+    torch.testing.assert_close(torch.tensor(off["logprobs"]), torch.tensor(stock["logprobs"]), atol=1e-3, rtol=0)
+    assert off["peak"] == stock["peak"] == 4  # the same pool admits the same requests
+
+
+class _GroupedPlain(PlainClustering):
+    """The paper's policy, handing over whole vLLM groups: the transformers cache then clusters
+    at the same token counts as the plugin, so both hold the same slots at every step."""
+
+    def block_size(self, ratio, chunk_size):
+        plan = MergePlan.build(block_size=BLOCK, ratio=ratio, chunk_size=chunk_size)
+        return plan.group_blocks * BLOCK
+
+
+def test_clustering_equals_the_transformers_cache(runs, folder):
+    from transformers import AutoModelForCausalLM
+
+    on = runs["on"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="centroidkv").eval()
+    model.generation_config.eos_token_id = None
+    for prompt, tokens, logprobs in zip(on["batch"], on["tokens"], on["logprobs"]):
+        # sink 4 rounds up to the plugin's first whole block: 32 tokens.
+        cache = centroidkv.CentroidKVCache(ratio=RATIO, chunk_size=32, sink=BLOCK, recent=64, policy=_GroupedPlain())
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=NEW, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                                 pad_token_id=2, **{cache_argument(model): cache})
+        want = out.sequences[0, len(prompt):].tolist()
+        want_logprobs = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, want)]
+        assert tokens == want
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(want_logprobs), atol=2e-3, rtol=0)
+        assert cache.live_slots(0)[0] < len(prompt)  # it did cluster
+
+
+def test_clustering_changes_the_long_prompts_output(runs):
+    # The comparison above would pass vacuously if nothing were clustered.
+    assert runs["on"]["logprobs"][2] != runs["off"]["logprobs"][2]
+
+
+def test_freed_blocks_admit_more_requests(runs):
+    plan = MergePlan.build(block_size=BLOCK, ratio=RATIO, chunk_size=32, sink=4, recent=64)
+    full = -(-(800 + 8) // BLOCK)
+    held = len(plan.live_blocks(800 + 8))
+    assert runs["stock"]["peak"] == (POOL - 1) // full == 4
+    assert runs["on"]["finished"] == runs["stock"]["finished"] == 16
+    # A request holds `held` blocks once clustered, but needs `full` for its prompt first.
+    assert runs["on"]["peak"] >= 2 * runs["stock"]["peak"], (runs["on"]["peak"], held)
