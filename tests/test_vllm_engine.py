@@ -138,3 +138,61 @@ def test_freed_blocks_admit_more_requests(runs):
     assert runs["on"]["finished"] == runs["stock"]["finished"] == 16
     # A request holds `held` blocks once clustered, but needs `full` for its prompt first.
     assert runs["on"]["peak"] >= 2 * runs["stock"]["peak"], (runs["on"]["peak"], held)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"enable_prefix_caching": True}, "prefix caching"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}},
+     "speculative decoding"),
+    ({"kv_offloading_size": 1.0}, "offload"),
+    ({"additional_config": {"centroidkv": {"ratio": 0.99, "chunk_size": 4}}}, "whole blocks"),
+    ({"additional_config": {"centroidkv": {"ratio": 0.75, "window": 8}}}, "unknown option"),
+])
+def test_unsupported_engines_are_refused_before_loading_the_model(folder, kwargs, match):
+    from vllm.engine.arg_utils import EngineArgs
+
+    base = {**_engine_kwargs({"ratio": RATIO}), **kwargs}
+    with pytest.raises(Exception, match=match):
+        EngineArgs(model=str(folder), **base).create_engine_config()
+
+
+def test_an_engine_without_the_switch_is_stock(folder):
+    from vllm.engine.arg_utils import EngineArgs
+
+    config = EngineArgs(model=str(folder), **{**_engine_kwargs(None), "enable_prefix_caching": True}).create_engine_config()
+    assert config.cache_config.enable_prefix_caching  # nothing refused, nothing changed
+
+
+def test_sliding_window_layers_are_refused():
+    from types import SimpleNamespace
+
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    from centroidkv.vllm.cpu_backend import CentroidKVCPUBackend
+
+    spec = SlidingWindowSpec(block_size=BLOCK, num_kv_heads=1, head_size=64, dtype=torch.float32, sliding_window=512)
+    saved = CentroidKVCPUBackend.model_config
+    CentroidKVCPUBackend.model_config = SimpleNamespace(additional_config={"centroidkv": {"ratio": RATIO}})
+    try:
+        with pytest.raises(ValueError, match="full-attention layers only"):
+            CentroidKVCPUBackend.customize_spec(spec)
+    finally:
+        CentroidKVCPUBackend.model_config = saved
+
+
+def test_tensor_parallel_ranks_cluster_their_own_heads(runs, folder, monkeypatch):
+    """SmolLM2's 3 KV heads on 3 ranks, one each: every rank clusters its own head with no
+    communication (paged.cluster_groups works per head), and the output equals one rank's."""
+    from vllm import LLM, SamplingParams
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|0")  # three ranks on CI's two cores
+    kwargs = {**_engine_kwargs({"ratio": RATIO, "recent": 64, "sink": 4, "chunk_size": 32}), "tensor_parallel_size": 3}
+    llm = LLM(model=str(folder), **kwargs)
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": p} for p in runs["on"]["batch"]], greedy, use_tqdm=False)
+    del llm
+    gc.collect()
+    for o, tokens, logprobs in zip(outs, runs["on"]["tokens"], runs["on"]["logprobs"]):
+        assert list(o.outputs[0].token_ids) == tokens
+        got = [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(logprobs), atol=1e-3, rtol=0)

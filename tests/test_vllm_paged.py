@@ -124,3 +124,20 @@ def test_cluster_groups_keeps_each_head_apart_and_preserves_sums():
         torch.testing.assert_close((gather_blocks(values, kept, 4) * gather_blocks(sizes, kept, 4)[..., None]).sum(1), v_sum)
         torch.testing.assert_close(gather_blocks(sizes, kept, 4).sum(1), s_sum)
     assert torch.equal(keys[[4, 6]], untouched)
+
+
+def test_each_head_clusters_alone_as_a_tensor_parallel_rank_would():
+    torch.manual_seed(4)
+    plan = MergePlan.build(block_size=8, ratio=0.75, chunk_size=4, sink=0, recent=0)
+    keys = torch.randn(12, 3, 8, 16)
+    values, sizes = torch.randn_like(keys), torch.ones(12, 3, 8)
+    groups = torch.tensor([[3, 1, 7, 10]])
+    alone = []
+    for head in range(3):  # a rank holding this head only
+        k, v, s = (t[:, head:head + 1].clone() for t in (keys, values, sizes))
+        cluster_groups(k, v, s, groups, plan)
+        alone.append((k, v, s))
+    cluster_groups(keys, values, sizes, groups, plan)
+    for head, (k, v, s) in enumerate(alone):
+        assert torch.equal(keys[:, head:head + 1], k) and torch.equal(values[:, head:head + 1], v)
+        assert torch.equal(sizes[:, head:head + 1], s)

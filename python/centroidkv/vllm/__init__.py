@@ -29,4 +29,25 @@ def register() -> None:
 
     register_spec()
     register_backend(AttentionBackendEnum.CPU_ATTN, "centroidkv.vllm.cpu_backend.CentroidKVCPUBackend")
+    _check_configs()
     _REGISTERED = True
+
+
+def _check_configs() -> None:
+    """Adds options.refuse_unsupported to the platform's config check, which vLLM runs on every
+    engine config it builds: unsupported engines fail at once, before a model is loaded."""
+    from vllm.platforms import current_platform
+
+    from .options import refuse_unsupported
+
+    platform = type(current_platform)
+    original = platform.check_and_update_config  # bound to the platform class
+    if getattr(original, "centroidkv_checked", False):
+        return
+
+    def check_and_update_config(cls, vllm_config):
+        original(vllm_config)
+        refuse_unsupported(vllm_config, current_platform)
+
+    check_and_update_config.centroidkv_checked = True
+    platform.check_and_update_config = classmethod(check_and_update_config)

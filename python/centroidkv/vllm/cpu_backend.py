@@ -18,7 +18,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadataBuilder)
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from .options import refuse_unsupported, requested
+from .options import requested
 from .paged import attend, cluster_groups, write_tokens
 from .plan import MergePlan
 from .spec import CentroidKVSpec
@@ -40,7 +40,6 @@ class CentroidKVCPUBackend(CPUAttentionBackend):
         options = requested(config)
         if options is None:
             return spec
-        refuse_unsupported(config)
         if type(spec) is not FullAttentionSpec or spec.sliding_window is not None:
             raise ValueError(f"centroidkv.vllm clusters full-attention layers only; this model has a "
                              f"{type(spec).__name__} layer (sliding-window and other layer kinds are not "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from .plan import MergePlan
+
 KEY = "centroidkv"
 # Options a user may set, with their defaults (MergePlan.build's arguments but the block size).
 DEFAULTS = {"ratio": 0.75, "chunk_size": 32, "sink": 4, "recent": 64}
@@ -27,10 +29,16 @@ def requested(vllm_config: Any) -> Optional[dict]:
     return {**DEFAULTS, **given}
 
 
-def refuse_unsupported(vllm_config: Any) -> None:
-    """Raises at engine start for features the clustered cache cannot serve yet."""
+def refuse_unsupported(vllm_config: Any, platform: Any) -> None:
+    """Raises at engine start (when vLLM checks its config) for what the clustered cache cannot
+    serve yet; does nothing for an engine that did not ask for clustering."""
+    if requested(vllm_config) is None:
+        return
     cache = vllm_config.cache_config
     problems = []
+    if not platform.is_cpu():
+        problems.append(f"the {type(platform).__name__} platform (this release clusters in vLLM's CPU attention "
+                        "backend only; the GPU path is not built yet)")
     if cache.enable_prefix_caching:
         problems.append("prefix caching (clustered blocks no longer hold the tokens their hashes name): "
                         "pass enable_prefix_caching=False (vllm serve: --no-enable-prefix-caching)")
@@ -40,3 +48,4 @@ def refuse_unsupported(vllm_config: Any) -> None:
         problems.append("KV transfer and offload connectors")
     if problems:
         raise ValueError("centroidkv.vllm does not support " + "; ".join(problems))
+    MergePlan.build(block_size=cache.block_size, **requested(vllm_config))  # the options themselves
