@@ -6,8 +6,9 @@ import torch
 
 import centroidkv
 from centroidkv import reference
-from centroidkv.vllm.paged import attend, cluster_groups, gather_blocks, groups_to_cluster, write_tokens
+from centroidkv.vllm.paged import attend, attend_decodes, attend_fresh, cluster_groups, gather_blocks, write_tokens
 from centroidkv.vllm.plan import MergePlan
+from centroidkv.vllm.step import StepPlan
 
 transformers = pytest.importorskip("transformers")
 from centroidkv.hf_attention import centroidkv_attention  # noqa: E402
@@ -69,7 +70,7 @@ def test_paged_request_matches_centroidkv_cache(ratio, dtype):
     key_cache = torch.zeros(num_blocks, heads, bs, dim, dtype=dtype)
     value_cache, sizes = torch.zeros_like(key_cache), torch.zeros(num_blocks, heads, bs)
     table = torch.randperm(num_blocks)[:30]  # the request's blocks, in logical order
-    steps = [45] + [1] * 100  # a prefill, then decode steps
+    steps = [45, 9] + [1] * 100  # a prefill, a chunk of 9 tokens, then decode steps
     agreed, compared, held = 0, 0, 0
     for new in steps:
         layouts_agree = held == 0 or cache.layers[0].lengths[0] == plan.live_tokens(held)
@@ -78,16 +79,23 @@ def test_paged_request_matches_centroidkv_cache(ratio, dtype):
         positions = torch.arange(held, held + new)
         slots = table[positions // bs] * bs + positions % bs
         write_tokens(key_cache, value_cache, sizes, k[0].transpose(0, 1), v[0].transpose(0, 1), slots)
-        live = table[plan.live_blocks(held + new, clustered_at=held)]
-        got = attend(q[0].transpose(0, 1), key_cache, value_cache, sizes, live,
-                     plan.live_tokens(held + new, clustered_at=held), 0.25)
+        step = StepPlan.build(plan, [held + new], [0, new], table[None])
+        if new == 1:
+            got = attend_decodes(q[0].transpose(0, 1), key_cache, value_cache, sizes, step.decode_blocks,
+                                 step.decode_lengths, 0.25)
+        elif held == 0:
+            assert step.fresh == [(0, new)] and not step.prefills
+            got = attend_fresh(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), 0.25)
+        else:
+            (_, _, live, live_tokens), = step.prefills
+            got = attend(q[0].transpose(0, 1), key_cache, value_cache, sizes, live, live_tokens, 0.25)
         k_view, v_view = cache.update(k, v, 0)
         want = centroidkv_attention(_Module(), q, k_view, v_view, None, scaling=0.25)[0][0]
         if layouts_agree:
             compared += 1
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-        cluster_groups(key_cache, value_cache, sizes, groups_to_cluster(table, plan, held, held + new), plan)
+        cluster_groups(key_cache, value_cache, sizes, step.groups, plan)
         held += new
         layer = cache.layers[0]
         if layer.lengths[0] == plan.live_tokens(held):
@@ -141,3 +149,52 @@ def test_each_head_clusters_alone_as_a_tensor_parallel_rank_would():
     for head, (k, v, s) in enumerate(alone):
         assert torch.equal(keys[:, head:head + 1], k) and torch.equal(values[:, head:head + 1], v)
         assert torch.equal(sizes[:, head:head + 1], s)
+
+
+def test_paged_work_through_views_of_a_token_major_layout():
+    """vLLM's CUDA backends keep [blocks, block_size, H, D] (FlashAttention's layout); the tensor
+    work runs unchanged on a [blocks, H, block_size, D] view of it, writing through the view."""
+    torch.manual_seed(5)
+    plan = MergePlan.build(block_size=8, ratio=0.5, chunk_size=4, sink=0, recent=0)
+    token_major = torch.zeros(2, 6, 8, 3, 16)  # [K/V, blocks, bs, H, D]
+    key_view, value_view = token_major[0].transpose(1, 2), token_major[1].transpose(1, 2)
+    head_major = torch.zeros(2, 6, 3, 8, 16)
+    sizes_a, sizes_b = torch.zeros(6, 3, 8), torch.zeros(6, 3, 8)
+    k, v = torch.randn(16, 3, 16), torch.randn(16, 3, 16)
+    slots = torch.cat([torch.arange(8) + 8 * 4, torch.arange(8) + 8 * 1])
+    write_tokens(key_view, value_view, sizes_a, k, v, slots)
+    write_tokens(head_major[0], head_major[1], sizes_b, k, v, slots)
+    assert torch.equal(token_major[0, 4, 3], k[3])  # written through the view
+    groups = torch.tensor([[4, 1]])
+    cluster_groups(key_view, value_view, sizes_a, groups, plan)
+    cluster_groups(head_major[0], head_major[1], sizes_b, groups, plan)
+    assert torch.equal(key_view, head_major[0]) and torch.equal(value_view, head_major[1])
+    assert torch.equal(sizes_a, sizes_b)
+    q = torch.randn(2, 6, 16)
+    torch.testing.assert_close(attend(q, key_view, value_view, sizes_a, groups[0], 16, 0.3),
+                               attend(q, head_major[0], head_major[1], sizes_b, groups[0], 16, 0.3))
+
+
+def test_decode_requests_attend_in_one_padded_call_as_alone():
+    """A step with requests of different lengths, decodes and a prefill mixed: the batched decode
+    attention equals each request's own, and the plan lists the groups every request clusters."""
+    torch.manual_seed(6)
+    plan = MergePlan.build(block_size=4, ratio=0.5, chunk_size=4, sink=4, recent=4)
+    keys = torch.randn(64, 2, 4, 8)
+    values, sizes = torch.randn_like(keys), torch.rand(64, 2, 4) + 0.5
+    table = torch.randperm(64)[:64].view(4, 16)
+    seq_lens, starts = [23, 9, 40, 3], [0, 1, 6, 7, 10]  # decode, 5-token prefill chunk, decode, new prompt
+    step = StepPlan.build(plan, seq_lens, starts, table)
+    assert step.decode_tokens.tolist() == [0, 6] and [p[:2] for p in step.prefills] == [(1, 6)]
+    assert step.fresh == [(7, 10)]
+    assert step.decode_lengths.tolist() == [plan.live_tokens(23, 22), plan.live_tokens(40, 39)]
+    want_groups = [table[r, plan.first_block(g):plan.first_block(g) + 2].tolist()
+                   for r, (after, new) in enumerate(zip(seq_lens, [1, 5, 1, 3]))
+                   for g in range(plan.clustered_groups(after - new), plan.clustered_groups(after))]
+    assert step.groups.tolist() == want_groups and len(want_groups) >= 1
+    q = torch.randn(2, 4, 8)
+    batched = attend_decodes(q, keys, values, sizes, step.decode_blocks, step.decode_lengths, 0.5)
+    for i, (row, after) in enumerate([(0, 23), (2, 40)]):
+        live = table[row][plan.live_blocks(after, clustered_at=after - 1)]
+        alone = attend(q[i:i + 1], keys, values, sizes, live, plan.live_tokens(after, after - 1), 0.5)
+        torch.testing.assert_close(batched[i:i + 1], alone)

@@ -19,9 +19,10 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from .options import requested
-from .paged import attend, cluster_groups, write_tokens
+from .paged import attend, attend_decodes, attend_fresh, cluster_groups, write_tokens
 from .plan import MergePlan
 from .spec import CentroidKVSpec
+from .step import StepPlan
 
 
 class CentroidKVCPUBackend(CPUAttentionBackend):
@@ -64,27 +65,11 @@ class CentroidKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        metadata.centroidkv = None if self.plan is None else self._step_plan(common_attn_metadata)
+        common = common_attn_metadata
+        metadata.centroidkv = None if self.plan is None else StepPlan.build(
+            self.plan, common.seq_lens[:common.num_reqs].tolist(),
+            common.query_start_loc_cpu[:common.num_reqs + 1].tolist(), common.block_table_tensor)
         return metadata
-
-    def _step_plan(self, common) -> dict:
-        """Per request: live block ids and live tokens for this step's attention; and the block
-        ids of every group the step clusters afterwards ([N, G], all requests together)."""
-        plan = self.plan
-        seq_lens = common.seq_lens.tolist()
-        starts = common.query_start_loc_cpu.tolist()
-        table = common.block_table_tensor
-        live, live_tokens, groups = [], [], []
-        for row, after in enumerate(seq_lens[:common.num_reqs]):
-            before = after - (starts[row + 1] - starts[row])
-            ids = table[row]
-            live.append(ids[plan.live_blocks(after, clustered_at=before)].long())
-            live_tokens.append(plan.live_tokens(after, clustered_at=before))
-            for group in range(plan.clustered_groups(before), plan.clustered_groups(after)):
-                first = plan.first_block(group)
-                groups.append(ids[first:first + plan.group_blocks].long())
-        stacked = torch.stack(groups) if groups else table.new_empty((0, plan.group_blocks), dtype=torch.long)
-        return {"starts": starts, "live": live, "live_tokens": live_tokens, "groups": stacked, "plan": plan}
 
 
 class CentroidKVCPUImpl(CPUAttentionBackendImpl):
@@ -130,10 +115,15 @@ class CentroidKVCPUImpl(CPUAttentionBackendImpl):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("centroidkv.vllm: fused output quantization is not supported")
         key_cache, value_cache, sizes = self._caches(kv_cache)
-        starts = step["starts"]
-        for row, (live, live_tokens) in enumerate(zip(step["live"], step["live_tokens"])):
-            first, last = starts[row], starts[row + 1]
-            out = attend(query[first:last], key_cache, value_cache, sizes, live, live_tokens, self.scale)
-            output[first:last] = out.reshape(output[first:last].shape).to(output.dtype)
-        cluster_groups(key_cache, value_cache, sizes, step["groups"], step["plan"])
+        if step.decode_tokens.numel():
+            out = attend_decodes(query[step.decode_tokens], key_cache, value_cache, sizes, step.decode_blocks,
+                                 step.decode_lengths, self.scale)
+            output[step.decode_tokens] = out.reshape(output[step.decode_tokens].shape).to(output.dtype)
+        for first, end in step.fresh:
+            out = attend_fresh(query[first:end], key[first:end], value[first:end], self.scale)
+            output[first:end] = out.reshape(output[first:end].shape).to(output.dtype)
+        for first, end, live, live_tokens in step.prefills:
+            out = attend(query[first:end], key_cache, value_cache, sizes, live, live_tokens, self.scale)
+            output[first:end] = out.reshape(output[first:end].shape).to(output.dtype)
+        cluster_groups(key_cache, value_cache, sizes, step.groups, step.plan)
         return output

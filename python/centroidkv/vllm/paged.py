@@ -49,6 +49,31 @@ def attend(query: Tensor, key_cache: Tensor, value_cache: Tensor, sizes: Tensor,
     return out[0].transpose(0, 1)
 
 
+def attend_fresh(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+    """Causal attention of a request's first tokens (query [T, Hq, D], key/value [T, H, D], every
+    slot exact): SDPA, which is faster than the clustered-cache op where no size is needed."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(0, 1).unsqueeze(0), key.transpose(0, 1).unsqueeze(0).to(query.dtype),
+        value.transpose(0, 1).unsqueeze(0).to(query.dtype), is_causal=True, scale=scale,
+        enable_gqa=query.shape[1] != key.shape[1])
+    return out[0].transpose(0, 1)
+
+
+def attend_decodes(query: Tensor, key_cache: Tensor, value_cache: Tensor, sizes: Tensor, blocks: Tensor,
+                   lengths: Tensor, scale: float) -> Tensor:
+    """Attention of N single-token requests at once: query [N, Hq, D], blocks [N, nb] each row's
+    live block ids (padded: slots past lengths[i] are not read). Returns [N, Hq, Dv]."""
+    num, width = blocks.shape
+
+    def gather(cache: Tensor) -> Tensor:  # [N, H, nb * bs, ...]
+        picked = cache[blocks]  # [N, nb, H, bs, ...]
+        return picked.transpose(1, 2).reshape(num, picked.shape[2], -1, *cache.shape[3:])
+
+    out = attention(query.unsqueeze(2), gather(key_cache), gather(value_cache), gather(sizes), scale=scale,
+                    lengths=lengths)
+    return out.squeeze(2)
+
+
 def cluster_groups(key_cache: Tensor, value_cache: Tensor, sizes: Tensor, group_block_ids: Tensor,
                    plan: MergePlan) -> None:
     """Clusters groups of blocks in place: group_block_ids [N, G] (each row one group's blocks in
@@ -75,13 +100,3 @@ def cluster_groups(key_cache: Tensor, value_cache: Tensor, sizes: Tensor, group_
     scatter(key_cache, keys)
     scatter(value_cache, values)
     scatter(sizes, slot_sizes)
-
-
-def groups_to_cluster(block_table_row: Tensor, plan: MergePlan, tokens_before: int, tokens_after: int) -> Tensor:
-    """[N, G] block ids of the groups a step that took a request from `tokens_before` to
-    `tokens_after` tokens makes old enough to cluster."""
-    first, last = plan.clustered_groups(tokens_before), plan.clustered_groups(tokens_after)
-    rows = [block_table_row[plan.first_block(g):plan.first_block(g) + plan.group_blocks] for g in range(first, last)]
-    if not rows:
-        return block_table_row.new_empty((0, plan.group_blocks))
-    return torch.stack(rows)
