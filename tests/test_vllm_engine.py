@@ -136,8 +136,9 @@ def test_freed_blocks_admit_more_requests(runs):
     held = len(plan.live_blocks(800 + 8))
     assert runs["stock"]["peak"] == (POOL - 1) // full == 4
     assert runs["on"]["finished"] == runs["stock"]["finished"] == 16
-    # A request holds `held` blocks once clustered, but needs `full` for its prompt first.
-    assert runs["on"]["peak"] >= 2 * runs["stock"]["peak"], (runs["on"]["peak"], held)
+    # Once clustered a request holds `held` blocks (sink, kept blocks, the unclustered tail), but
+    # its prompt needs `full` first: the plan's bound (pool // held) is approached, not reached.
+    assert runs["on"]["peak"] >= max(2 * runs["stock"]["peak"], 0.75 * ((POOL - 1) // held)), (runs["on"]["peak"], held)
 
 
 @pytest.mark.parametrize("kwargs, match", [
