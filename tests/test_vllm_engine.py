@@ -169,16 +169,17 @@ def test_sliding_window_layers_are_refused():
 
     from vllm.v1.kv_cache_interface import SlidingWindowSpec
 
+    from centroidkv.vllm import worker
     from centroidkv.vllm.cpu_backend import CentroidKVCPUBackend
 
     spec = SlidingWindowSpec(block_size=BLOCK, num_kv_heads=1, head_size=64, dtype=torch.float32, sliding_window=512)
-    saved = CentroidKVCPUBackend.model_config
-    CentroidKVCPUBackend.model_config = SimpleNamespace(additional_config={"centroidkv": {"ratio": RATIO}})
+    saved = worker._MODEL_CONFIG
+    worker._MODEL_CONFIG = SimpleNamespace(additional_config={"centroidkv": {"ratio": RATIO}})
     try:
         with pytest.raises(ValueError, match="full-attention layers only"):
             CentroidKVCPUBackend.customize_spec(spec)
     finally:
-        CentroidKVCPUBackend.model_config = saved
+        worker._MODEL_CONFIG = saved
 
 
 def test_tensor_parallel_ranks_cluster_their_own_heads(runs, folder, monkeypatch):
@@ -188,6 +189,56 @@ def test_tensor_parallel_ranks_cluster_their_own_heads(runs, folder, monkeypatch
 
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|0")  # three ranks on CI's two cores
     kwargs = {**_engine_kwargs({"ratio": RATIO, "recent": 64, "sink": 4, "chunk_size": 32}), "tensor_parallel_size": 3}
+    llm = LLM(model=str(folder), **kwargs)
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": p} for p in runs["on"]["batch"]], greedy, use_tqdm=False)
+    del llm
+    gc.collect()
+    for o, tokens, logprobs in zip(outs, runs["on"]["tokens"], runs["on"]["logprobs"]):
+        assert list(o.outputs[0].token_ids) == tokens
+        got = [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(logprobs), atol=1e-3, rtol=0)
+
+
+class _FakeCuda:
+    def is_cuda(self):
+        return True
+
+    def is_cpu(self):
+        return False
+
+
+@pytest.mark.parametrize("options, backend, match", [
+    ({"ratio": RATIO}, None, "experimental_gpu"),
+    ({"ratio": RATIO, "experimental_gpu": True}, "TRITON_ATTN", "TRITON_ATTN attention backend"),
+    ({"ratio": RATIO, "experimental_gpu": True}, None, None),
+])
+def test_cuda_engines_need_the_opt_in_and_flash_attention(folder, options, backend, match):
+    """The GPU path has not run on a GPU: a CUDA engine must opt in, and clustering runs in the
+    FlashAttention backend it replaces, which the check then selects."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from centroidkv.vllm.options import refuse_unsupported
+
+    config = EngineArgs(model=str(folder), **_engine_kwargs(None)).create_engine_config()
+    config.additional_config = {"centroidkv": options}
+    config.attention_config.backend = None if backend is None else AttentionBackendEnum[backend]
+    if match is None:
+        refuse_unsupported(config, _FakeCuda())
+        assert config.attention_config.backend == AttentionBackendEnum.FLASH_ATTN
+        assert AttentionBackendEnum.FLASH_ATTN.get_path().endswith("CentroidKVFlashBackend")
+    else:
+        with pytest.raises(ValueError, match=match):
+            refuse_unsupported(config, _FakeCuda())
+
+
+def test_compiled_model_equals_eager(runs, folder):
+    """vLLM's torch.compile'd model (the default without enforce_eager) calls the clustering
+    attention as an opaque op: the same tokens and logprobs as eager."""
+    from vllm import LLM, SamplingParams
+
+    kwargs = {**_engine_kwargs({"ratio": RATIO, "recent": 64, "sink": 4, "chunk_size": 32}), "enforce_eager": False}
     llm = LLM(model=str(folder), **kwargs)
     greedy = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, logprobs=1)
     outs = llm.generate([{"prompt_token_ids": p} for p in runs["on"]["batch"]], greedy, use_tqdm=False)

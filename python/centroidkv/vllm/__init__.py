@@ -8,8 +8,9 @@ vLLM's block pool, so more requests fit. A vLLM plugin, no fork:
 With the package installed, vLLM loads `register` in every process (entry point
 `vllm.general_plugins`); without the `centroidkv` key an engine runs exactly as stock vLLM.
 plan.py says which blocks are clustered and when (scheduler and workers derive it from token
-counts alike), paged.py does the tensor work, spec.py frees blocks on the scheduler side and
-cpu_backend.py clusters them in the CPU attention backend.
+counts alike), step.py and paged.py do the tensor work, spec.py frees blocks on the scheduler
+side, worker.py clusters them inside an attention backend: cpu_backend.py (tested) and
+cuda_backend.py (FlashAttention; written, not yet run on a GPU).
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ _REGISTERED = False
 
 
 def register() -> None:
-    """vLLM's plugin hook: puts the CentroidKV CPU backend in place of vLLM's CPU attention
-    backend (it behaves as the original unless an engine asks for clustering) and registers the
-    clustered KV spec with its block manager. Safe to call more than once."""
+    """vLLM's plugin hook: puts CentroidKV's backends in place of vLLM's CPU and FlashAttention
+    backends, registers the clustered KV spec with its block manager, and adds the plugin's
+    refusals to vLLM's config check. Safe to call more than once."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -28,7 +29,9 @@ def register() -> None:
     from .spec import register_spec
 
     register_spec()
+    # Both stand in for vLLM's own backend and behave as it unless an engine asks for clustering.
     register_backend(AttentionBackendEnum.CPU_ATTN, "centroidkv.vllm.cpu_backend.CentroidKVCPUBackend")
+    register_backend(AttentionBackendEnum.FLASH_ATTN, "centroidkv.vllm.cuda_backend.CentroidKVFlashBackend")
     _check_configs()
     _REGISTERED = True
 

@@ -7,8 +7,15 @@ from typing import Any, Optional
 from .plan import MergePlan
 
 KEY = "centroidkv"
-# Options a user may set, with their defaults (MergePlan.build's arguments but the block size).
-DEFAULTS = {"ratio": 0.75, "chunk_size": 32, "sink": 4, "recent": 64}
+# The merge plan's options (MergePlan.build's arguments but the block size), with defaults.
+PLAN_DEFAULTS = {"ratio": 0.75, "chunk_size": 32, "sink": 4, "recent": 64}
+# Everything a user may set. experimental_gpu: run the GPU path (cuda_backend.py), which has not
+# been run on a GPU yet; without it a CUDA engine that asks for clustering is refused.
+DEFAULTS = {**PLAN_DEFAULTS, "experimental_gpu": False}
+
+
+def plan_options(options: dict) -> dict:
+    return {name: options[name] for name in PLAN_DEFAULTS}
 
 
 def requested(vllm_config: Any) -> Optional[dict]:
@@ -32,13 +39,20 @@ def requested(vllm_config: Any) -> Optional[dict]:
 def refuse_unsupported(vllm_config: Any, platform: Any) -> None:
     """Raises at engine start (when vLLM checks its config) for what the clustered cache cannot
     serve yet; does nothing for an engine that did not ask for clustering."""
-    if requested(vllm_config) is None:
+    options = requested(vllm_config)
+    if options is None:
         return
     cache = vllm_config.cache_config
     problems = []
-    if not platform.is_cpu():
-        problems.append(f"the {type(platform).__name__} platform (this release clusters in vLLM's CPU attention "
-                        "backend only; the GPU path is not built yet)")
+    if platform.is_cuda():
+        backend = vllm_config.attention_config.backend
+        if not options["experimental_gpu"]:
+            problems.append("CUDA yet: its path (FlashAttention backend) has not been run on a GPU; "
+                            "add \"experimental_gpu\": true to the centroidkv options to try it")
+        elif backend is not None and backend.name != "FLASH_ATTN":
+            problems.append(f"the {backend.name} attention backend (it clusters in FLASH_ATTN only)")
+    elif not platform.is_cpu():
+        problems.append(f"the {type(platform).__name__} platform (vLLM's CPU and CUDA backends only)")
     if cache.enable_prefix_caching:
         problems.append("prefix caching (clustered blocks no longer hold the tokens their hashes name): "
                         "pass enable_prefix_caching=False (vllm serve: --no-enable-prefix-caching)")
@@ -48,4 +62,8 @@ def refuse_unsupported(vllm_config: Any, platform: Any) -> None:
         problems.append("KV transfer and offload connectors")
     if problems:
         raise ValueError("centroidkv.vllm does not support " + "; ".join(problems))
-    MergePlan.build(block_size=cache.block_size, **requested(vllm_config))  # the options themselves
+    MergePlan.build(block_size=cache.block_size, **plan_options(options))  # the options themselves
+    if platform.is_cuda():
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        vllm_config.attention_config.backend = AttentionBackendEnum.FLASH_ATTN  # the one that clusters
