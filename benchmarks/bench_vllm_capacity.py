@@ -23,6 +23,8 @@ import time
 def run(folder, options, args) -> dict:
     from vllm import LLM, SamplingParams
 
+    from centroidkv.vllm.running import RunningPeak
+
     extra = {} if options is None else {"additional_config": {"centroidkv": options}}
     started = time.perf_counter()
     llm = LLM(model=str(folder), max_model_len=args.prompt + args.generate + args.block_size, enforce_eager=True,
@@ -30,15 +32,7 @@ def run(folder, options, args) -> dict:
               num_gpu_blocks_override=args.pool_blocks, max_num_batched_tokens=max(4096, args.prompt + 64),
               max_num_seqs=256, **extra)
     start_s = time.perf_counter() - started
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    schedule, peak = scheduler.schedule, [0]
-
-    def counting_schedule(*a, **k):
-        out = schedule(*a, **k)
-        peak[0] = max(peak[0], len(scheduler.running))
-        return out
-
-    scheduler.schedule = counting_schedule
+    running = RunningPeak(llm)
     vocab = llm.get_tokenizer().vocab_size
     prompts = [{"prompt_token_ids": [(7 * i + 13 * j) % (vocab - 10) + 5 for j in range(args.prompt)]}
                for i in range(args.requests)]
@@ -47,12 +41,10 @@ def run(folder, options, args) -> dict:
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - began
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    preempted = getattr(scheduler, "num_preemptions", None)
     del llm
     gc.collect()
-    return {"peak_running": peak[0], "workload_s": round(seconds, 2), "generated_tokens": generated,
-            "generated_tokens_per_s": round(generated / seconds, 2), "engine_start_s": round(start_s, 1),
-            "preemptions": preempted}
+    return {"peak_running": running.peak, "workload_s": round(seconds, 2), "generated_tokens": generated,
+            "generated_tokens_per_s": round(generated / seconds, 2), "engine_start_s": round(start_s, 1)}
 
 
 def main() -> None:

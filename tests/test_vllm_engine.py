@@ -1,6 +1,6 @@
 """centroidkv.vllm in a real vLLM engine (CPU, SmolLM2-135M, eager, in-process): off it equals
 stock vLLM, on it equals the transformers CentroidKVCache, and the blocks it frees admit more
-requests. Needs vLLM (`pip install centroidkv[vllm]`); CI runs it in a job of its own.
+requests. Needs vLLM (scripts/setup_vllm.sh makes .venv-vllm); CI runs it in a job of its own.
 
 One engine per configuration (engine starts dominate the time): each runs every workload once
 and the tests compare what they recorded.
@@ -21,6 +21,7 @@ from centroidkv.cache import cache_argument  # noqa: E402
 from centroidkv.policies import PlainClustering  # noqa: E402
 from centroidkv.vllm.model_folder import smollm2_folder  # noqa: E402
 from centroidkv.vllm.plan import MergePlan  # noqa: E402
+from centroidkv.vllm.running import RunningPeak  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -59,19 +60,11 @@ def _run(folder, options):
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     logprobs = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs]
 
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    schedule, peak = scheduler.schedule, [0]
-
-    def counting_schedule(*args, **kwargs):
-        out = schedule(*args, **kwargs)
-        peak[0] = max(peak[0], len(scheduler.running))
-        return out
-
-    scheduler.schedule = counting_schedule
+    running = RunningPeak(llm)
     capacity = _prompts(tokenizer, [800] * 16)
     short = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     finished = llm.generate([{"prompt_token_ids": p} for p in capacity], short, use_tqdm=False)
-    result = {"batch": batch, "tokens": tokens, "logprobs": logprobs, "peak": peak[0],
+    result = {"batch": batch, "tokens": tokens, "logprobs": logprobs, "peak": running.peak,
               "finished": sum(len(o.outputs[0].token_ids) == 8 for o in finished)}
     del llm
     gc.collect()
@@ -94,6 +87,21 @@ def test_plugin_with_ratio_0_equals_stock_vllm(runs):
     assert off["tokens"] == stock["tokens"]
     torch.testing.assert_close(torch.tensor(off["logprobs"]), torch.tensor(stock["logprobs"]), atol=1e-3, rtol=0)
     assert off["peak"] == stock["peak"] == 4  # the same pool admits the same requests
+
+
+def _assert_same_as_on(on, folder, kwargs):
+    """Another engine configuration clusters the comparison batch as the "on" run did."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(folder), **kwargs)
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": p} for p in on["batch"]], greedy, use_tqdm=False)
+    del llm
+    gc.collect()
+    for o, tokens, logprobs in zip(outs, on["tokens"], on["logprobs"]):
+        assert list(o.outputs[0].token_ids) == tokens
+        got = [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(logprobs), atol=1e-3, rtol=0)
 
 
 class _GroupedPlain(PlainClustering):
@@ -185,19 +193,9 @@ def test_sliding_window_layers_are_refused():
 def test_tensor_parallel_ranks_cluster_their_own_heads(runs, folder, monkeypatch):
     """SmolLM2's 3 KV heads on 3 ranks, one each: every rank clusters its own head with no
     communication (paged.cluster_groups works per head), and the output equals one rank's."""
-    from vllm import LLM, SamplingParams
-
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|0")  # three ranks on CI's two cores
     kwargs = {**_engine_kwargs({"ratio": RATIO, "recent": 64, "sink": 4, "chunk_size": 32}), "tensor_parallel_size": 3}
-    llm = LLM(model=str(folder), **kwargs)
-    greedy = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, logprobs=1)
-    outs = llm.generate([{"prompt_token_ids": p} for p in runs["on"]["batch"]], greedy, use_tqdm=False)
-    del llm
-    gc.collect()
-    for o, tokens, logprobs in zip(outs, runs["on"]["tokens"], runs["on"]["logprobs"]):
-        assert list(o.outputs[0].token_ids) == tokens
-        got = [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(logprobs), atol=1e-3, rtol=0)
+    _assert_same_as_on(runs["on"], folder, kwargs)
 
 
 class _FakeCuda:
@@ -236,15 +234,5 @@ def test_cuda_engines_need_the_opt_in_and_flash_attention(folder, options, backe
 def test_compiled_model_equals_eager(runs, folder):
     """vLLM's torch.compile'd model (the default without enforce_eager) calls the clustering
     attention as an opaque op: the same tokens and logprobs as eager."""
-    from vllm import LLM, SamplingParams
-
     kwargs = {**_engine_kwargs({"ratio": RATIO, "recent": 64, "sink": 4, "chunk_size": 32}), "enforce_eager": False}
-    llm = LLM(model=str(folder), **kwargs)
-    greedy = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, logprobs=1)
-    outs = llm.generate([{"prompt_token_ids": p} for p in runs["on"]["batch"]], greedy, use_tqdm=False)
-    del llm
-    gc.collect()
-    for o, tokens, logprobs in zip(outs, runs["on"]["tokens"], runs["on"]["logprobs"]):
-        assert list(o.outputs[0].token_ids) == tokens
-        got = [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(logprobs), atol=1e-3, rtol=0)
+    _assert_same_as_on(runs["on"], folder, kwargs)

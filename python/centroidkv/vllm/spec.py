@@ -2,6 +2,7 @@
 block manager, which returns a clustered group's dead blocks to the pool."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
@@ -9,6 +10,11 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from .plan import MergePlan
+
+@functools.lru_cache(maxsize=None)  # read by the metadata builder on every step
+def _plan(block_size: int, ratio: float, chunk_size: int, sink: int, recent: int) -> MergePlan:
+    return MergePlan.build(block_size=block_size, ratio=ratio, chunk_size=chunk_size, sink=sink, recent=recent)
+
 
 _PLAN_FIELDS = ("centroidkv_ratio", "centroidkv_chunk_size", "centroidkv_sink", "centroidkv_recent")
 
@@ -30,9 +36,8 @@ class CentroidKVSpec(FullAttentionSpec):
 
     @property
     def plan(self) -> MergePlan:
-        return MergePlan.build(block_size=self.block_size, ratio=self.centroidkv_ratio,
-                               chunk_size=self.centroidkv_chunk_size, sink=self.centroidkv_sink,
-                               recent=self.centroidkv_recent)
+        return _plan(self.block_size, self.centroidkv_ratio, self.centroidkv_chunk_size, self.centroidkv_sink,
+                     self.centroidkv_recent)
 
     @classmethod
     def merge(cls, specs):
