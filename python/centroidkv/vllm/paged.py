@@ -30,11 +30,16 @@ def write_tokens(key_cache: Tensor, value_cache: Tensor, sizes: Tensor, key: Ten
     sizes[blocks, :, offsets] = 1.0
 
 
+def gather_rows(cache: Tensor, block_ids: Tensor) -> Tensor:
+    """[N, H, nb * bs, ...]: for each row of block_ids [N, nb], its blocks' slots in order
+    (cache [blocks, H, bs, ...])."""
+    picked = cache[block_ids]  # [N, nb, H, bs, ...]
+    return picked.transpose(1, 2).reshape(block_ids.shape[0], cache.shape[1], -1, *cache.shape[3:])
+
+
 def gather_blocks(cache: Tensor, block_ids: Tensor, length: int) -> Tensor:
-    """[H, length, ...] of the given blocks' slots in order (cache [N, H, bs, ...])."""
-    picked = cache[block_ids]  # [nb, H, bs, ...]
-    picked = picked.transpose(0, 1).reshape(picked.shape[1], -1, *picked.shape[3:])
-    return picked[:, :length]
+    """[H, length, ...] of the given blocks' slots in order (cache [blocks, H, bs, ...])."""
+    return gather_rows(cache, block_ids[None])[0, :, :length]
 
 
 def attend(query: Tensor, key_cache: Tensor, value_cache: Tensor, sizes: Tensor, live_block_ids: Tensor,
@@ -63,14 +68,8 @@ def attend_decodes(query: Tensor, key_cache: Tensor, value_cache: Tensor, sizes:
                    lengths: Tensor, scale: float) -> Tensor:
     """Attention of N single-token requests at once: query [N, Hq, D], blocks [N, nb] each row's
     live block ids (padded: slots past lengths[i] are not read). Returns [N, Hq, Dv]."""
-    num, width = blocks.shape
-
-    def gather(cache: Tensor) -> Tensor:  # [N, H, nb * bs, ...]
-        picked = cache[blocks]  # [N, nb, H, bs, ...]
-        return picked.transpose(1, 2).reshape(num, picked.shape[2], -1, *cache.shape[3:])
-
-    out = attention(query.unsqueeze(2), gather(key_cache), gather(value_cache), gather(sizes), scale=scale,
-                    lengths=lengths)
+    out = attention(query.unsqueeze(2), gather_rows(key_cache, blocks), gather_rows(value_cache, blocks),
+                    gather_rows(sizes, blocks), scale=scale, lengths=lengths)
     return out.squeeze(2)
 
 
@@ -79,17 +78,11 @@ def cluster_groups(key_cache: Tensor, value_cache: Tensor, sizes: Tensor, group_
     """Clusters groups of blocks in place: group_block_ids [N, G] (each row one group's blocks in
     logical order); the centroids fill each row's first K blocks. Every (group, KV head) is
     clustered on its own (SPEC.md), so no data crosses heads or tensor-parallel ranks."""
-    num_groups, group = group_block_ids.shape
+    num_groups = group_block_ids.shape[0]
     if num_groups == 0:
         return
     heads, bs = key_cache.shape[1], plan.block_size
-    length = group * bs
-
-    def gather(cache: Tensor) -> Tensor:  # [N, H, G * bs, ...]
-        picked = cache[group_block_ids]  # [N, G, H, bs, ...]
-        return picked.transpose(1, 2).reshape(num_groups, heads, length, *cache.shape[3:])
-
-    keys, values, slot_sizes = compress(gather(key_cache), gather(value_cache), gather(sizes),
+    keys, values, slot_sizes = compress(*(gather_rows(cache, group_block_ids) for cache in (key_cache, value_cache, sizes)),
                                         ratio=plan.ratio, chunk_size=plan.chunk_size)
     kept = group_block_ids[:, :plan.kept_blocks].reshape(-1)
 
