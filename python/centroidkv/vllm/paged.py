@@ -82,8 +82,8 @@ def cluster_groups(key_cache: Tensor, value_cache: Tensor, sizes: Tensor, group_
     if num_groups == 0:
         return
     heads, bs = key_cache.shape[1], plan.block_size
-    keys, values, slot_sizes = compress(*(gather_rows(cache, group_block_ids) for cache in (key_cache, value_cache, sizes)),
-                                        ratio=plan.ratio, chunk_size=plan.chunk_size)
+    gathered = (gather_rows(cache, group_block_ids) for cache in (key_cache, value_cache, sizes))
+    keys, values, slot_sizes = compress(*gathered, ratio=plan.ratio, chunk_size=plan.chunk_size)
     kept = group_block_ids[:, :plan.kept_blocks].reshape(-1)
 
     def scatter(cache: Tensor, merged: Tensor) -> None:
