@@ -28,7 +28,7 @@ def _region(m=256, heads=3, budget=96, seed=0):
     return E.Region(torch.randn(1, heads, m, 16, generator=g), torch.randn(1, heads, m, 8, generator=g),
                     torch.rand(1, heads, m, generator=g), torch.rand(1, heads, m, generator=g), budget,
                     torch.Generator().manual_seed(1), 3 * torch.rand(1, 1, m, generator=g),
-                    torch.rand(1, heads, m, generator=g))
+                    {"sum": torch.rand(1, heads, m, generator=g), "max": torch.rand(1, heads, m, generator=g)})
 
 
 def test_surprisal_is_the_next_token_loss():
@@ -256,19 +256,24 @@ def test_cli_adds_the_controls_when_asked():
 # ------------------------------------------------------------ query-agnostic: reconstruction
 def test_reconstruction_methods_rank_by_the_reconstruction_pass():
     region = _region()
-    spike = torch.zeros_like(region.reconstruction)
-    spike[..., 100:103] = 5.0  # three tokens the repeating queries read most
-    region.reconstruction = spike + 0.01 * region.reconstruction
-    k, _, s = E.make_method("kvzip").compress(region)
-    for h in range(3):
-        kept = {tuple(row.tolist()) for row in k[0, h]}
-        assert all(tuple(region.keys[0, h, t].tolist()) in kept for t in (100, 101, 102))
-    default_rec = E.make_method("default_rec")
-    assert default_rec.scores == "reconstruction" and E.needs_reconstruction(default_rec)
-    assert E.needs_reconstruction(E.make_method("default_rec+evict"))
+    summed = region.reconstruction["sum"]
+    spike = torch.zeros_like(summed)
+    spike[..., 100:103] = 5.0  # three tokens the repeating queries read most in all
+    peak = torch.zeros_like(summed)
+    peak[..., 200:202] = 5.0   # two tokens one copying query needs
+    region.reconstruction = {"sum": spike + 0.01 * summed, "max": peak + 0.01 * region.reconstruction["max"]}
+    for name, tokens in (("kvzip", (100, 101, 102)), ("kvzip_max", (200, 201))):
+        k, _, s = E.make_method(name).compress(region)
+        for h in range(3):
+            kept = {tuple(row.tolist()) for row in k[0, h]}
+            assert all(tuple(region.keys[0, h, t].tolist()) in kept for t in tokens), name
+    for name, reduce in (("default_rec", "sum"), ("default_recmax", "max")):
+        method = E.make_method(name)
+        assert method.scores.startswith("reconstruction") and E.needs_reconstruction(method)
+        assert E.needs_reconstruction(E.make_method(name + "+evict"))
+        torch.testing.assert_close(method.ranking(region, 30), E.make_method("default").ranking(
+            E.Region(**{**region.__dict__, "window": region.reconstruction[reduce]}), 30))
     assert not E.needs_reconstruction(E.make_method("default"))
-    torch.testing.assert_close(default_rec.ranking(region, 30), E.make_method("default").ranking(
-        E.Region(**{**region.__dict__, "window": region.reconstruction}), 30))
     region.reconstruction = None
     with pytest.raises(ValueError, match="reconstruction"):
         E.make_method("kvzip").compress(region)
@@ -287,7 +292,47 @@ def test_reconstruction_scores_read_the_context_again():
     M.forward(lm, ids, cache, 0, record=True)
     kv = M.kv_of(cache)
     scores = reconstruction_scores(lm, kv, ids)
-    assert set(scores) == set(M.compressible_layers(lm.model.config))
-    for layer, s in scores.items():
+    assert set(scores) == {"sum", "max"}
+    for kind in scores.values():
+        assert set(kind) == set(M.compressible_layers(lm.model.config))
+    for layer, s in scores["max"].items():
         assert s.shape == (1, lm.model.config.num_key_value_heads, len(ids)) and (s > 0).all()
+        # a query's weights sum to 1: the largest weight is at most 1 and at most the sum over queries
+        assert (s <= 1).all() and (s <= scores["sum"][layer] + 1e-6).all()
     assert all(torch.equal(k, k2) for (k, _), (k2, _) in zip(kv, M.kv_of(cache)))  # the cache is untouched
+
+
+# ------------------------------------------------------------ merge rules
+def test_norm_keeping_centroids_differ_from_the_default_only_in_key_length():
+    region = _region()
+    keys, values, sizes = E.make_method("default_normkeep").compress(region)
+    ref_keys, ref_values, ref_sizes = E.make_method("default").compress(region)
+    torch.testing.assert_close(values, ref_values)  # same ranking, same merges
+    torch.testing.assert_close(sizes, ref_sizes)
+    cosine = torch.nn.functional.cosine_similarity(keys, ref_keys.float(), dim=-1)
+    torch.testing.assert_close(cosine, torch.ones_like(cosine))
+    merged = sizes > 1
+    assert merged.any() and (keys.norm(dim=-1)[merged] > ref_keys.norm(dim=-1)[merged]).all()
+
+
+def test_cluster_keeping_key_norms_gives_each_centroid_its_members_mean_norm():
+    g = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(1, 2, 64, 8, generator=g), torch.randn(1, 2, 64, 4, generator=g)
+    sizes = torch.randint(1, 4, (1, 2, 64), generator=g).float()
+    ck, cv, cs = E.cluster_keeping_key_norms(keys, values, sizes, 20, 16, None)
+    # the same merges with the key norms as the only value channel: their size-weighted means
+    _, mean_norm, _ = E.cluster_to_budget(keys, keys.norm(dim=-1, keepdim=True), sizes, 20, 16, None)
+    torch.testing.assert_close(ck.norm(dim=-1, keepdim=True), mean_norm)
+    torch.testing.assert_close(cs.sum(-1), sizes.sum(-1))
+    torch.testing.assert_close((cv * cs[..., None]).sum(2), (values * sizes[..., None]).sum(2))
+
+
+def test_agnostic_is_the_product_preset_and_ranks_as_protected90_s100():
+    from centroidkv.policies import ProtectedClustering as Product
+
+    agnostic = E.make_method("agnostic")
+    assert agnostic.info_share == 1.0 and agnostic.pool == Product.query_agnostic().pool
+    region = _region()
+    for protect in (10, 60):  # the window plays no part: only the taper differs, which ranks it
+        torch.testing.assert_close(agnostic.ranking(region, protect),
+                                   E.make_method("protected90_s100").ranking(region, protect))

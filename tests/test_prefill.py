@@ -145,15 +145,17 @@ def test_surprisal_protects_the_surprising_tokens():
         assert match.any() and layer.sizes[0, head, :layer.lengths[0]][match].eq(1).all()
 
 
-def test_prefill_with_padding_and_generate():
+@pytest.mark.parametrize("policy", [lambda: ProtectedClustering(info_share=0.5), ProtectedClustering.query_agnostic],
+                         ids=["info_share=0.5", "query_agnostic"])
+def test_prefill_with_padding_and_generate(policy):
     model = _model()
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(1, 97, (2, 260), generator=g)
     mask = torch.ones(2, 260, dtype=torch.long)
     mask[1, :40] = 0  # row 1 is left-padded
-    cache = centroidkv.CentroidKVCache(ratio=0.5, policy=ProtectedClustering(info_share=0.5))
+    cache = centroidkv.CentroidKVCache(ratio=0.5, policy=policy())
     centroidkv.prefill(model, ids[:, :-1], cache, attention_mask=mask[:, :-1])
-    alone = centroidkv.CentroidKVCache(ratio=0.5, policy=ProtectedClustering(info_share=0.5))
+    alone = centroidkv.CentroidKVCache(ratio=0.5, policy=policy())
     centroidkv.prefill(model, ids[1:, 40:-1], alone)
     assert cache.live_slots()[1] == alone.live_slots()[0]  # padding dropped, same layout as alone
     out = model.generate(ids, attention_mask=mask, **{cache_argument(model): cache}, max_new_tokens=4,
@@ -184,3 +186,20 @@ def test_prefill_validates_arguments():
         centroidkv.prefill(model, torch.zeros(1, 5, dtype=torch.long), cache, attention_mask=torch.ones(1, 4))
     with pytest.raises(ValueError, match="info_share"):
         ProtectedClustering(info_share=1.5)
+
+
+def test_query_agnostic_preset_ranks_every_protected_slot_by_surprisal():
+    policy = ProtectedClustering.query_agnostic(pool=7)
+    assert policy == ProtectedClustering(info_share=1.0, pool=7) and policy.token_scores
+    window = torch.rand(1, 2, 200, generator=torch.Generator().manual_seed(5))
+    info = torch.zeros(1, 1, 200)
+    info[..., 120] = 9.0  # one surprising token; the window favours others everywhere
+    ranking = protection_scores(window, info, 40, policy.info_share, policy.pool, 31)
+    around = torch.zeros(200, dtype=torch.bool)
+    around[105:136] = True  # the surprising token's pool of 31 is protected in both heads
+    chosen = ranking == ranking.amax(-1, keepdim=True)
+    assert chosen[..., around].all() and chosen.sum(-1).eq(40).all()
+    window_only = protection_scores(window, None, 40, 0.0, policy.pool)
+    assert not (window_only[..., around].amin(-1) > window_only[..., ~around].amax(-1)).any()
+    with pytest.raises(ValueError, match="info_share"):
+        ProtectedClustering.query_agnostic(info_share=2.0)

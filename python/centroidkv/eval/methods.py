@@ -19,6 +19,7 @@ from torch import Tensor
 from ..policies.cluster_budget import PARTITIONS, cluster_to_budget
 from ..policies.protection import (absorb_evicted, pooled_scores, protect_and_cluster, protected_count, protection_scores,
                          top_tokens, window_ranking)
+from ..reference import EPS
 
 
 @dataclass
@@ -30,7 +31,8 @@ class Region:
     budget: int
     generator: torch.Generator
     surprisal: Optional[Tensor] = None  # [1, 1, M] -log p(token | prefix) under the model, nats
-    reconstruction: Optional[Tensor] = None  # [1, H, M] attention while the model repeats the context
+    # {"sum" | "max": [1, H, M]} attention while the model repeats the context (reconstruction_scores)
+    reconstruction: Optional[dict] = None
 
 
 Result = tuple[Tensor, Tensor, Tensor]  # keys, values, sizes of the `budget` slots
@@ -117,22 +119,24 @@ class H2O(Method):
         return _keep(region, top_tokens(region.totals, region.budget)[0])
 
 
-def _reconstruction(region: Region) -> Tensor:
+def _reconstruction(region: Region, reduce: str) -> Tensor:
     if region.reconstruction is None:
         raise ValueError("centroidkv.eval: this method ranks by reconstruction attention, which the runner "
                          "records only for methods that declare it (needs_reconstruction)")
-    return region.reconstruction
+    return region.reconstruction[reduce]
 
 
 @dataclass
 class Reconstruction(Method):
     """Query-agnostic, KVzip-style (Kim et al., 2025): after the context, the model is asked to
     repeat it and reads it again; each token's score is the attention the repeating queries pay
-    it (summed over them and over each KV head's query group); the top tokens, max-pooled, stay."""
+    it (summed over them and over each KV head's query group, or with reduce="max" the largest any
+    of them paid, KVzip's choice); the top tokens, max-pooled, stay."""
     pool: int = 7
+    reduce: str = "sum"
 
     def compress(self, region):
-        scores = protection_scores(_reconstruction(region), None, region.budget, 0.0, self.pool)
+        scores = protection_scores(_reconstruction(region, self.reduce), None, region.budget, 0.0, self.pool)
         return _keep(region, top_tokens(scores, region.budget)[0])
 
 
@@ -153,6 +157,9 @@ class Random(Method):
         return _keep(region, top_tokens(scores, region.budget)[0])
 
 
+RANKINGS = ("window", "reconstruction", "reconstruction_max")
+
+
 @dataclass
 class ProtectedClustering(Method):
     """Product policy: SnapKV-protected exact tokens + clustering of the rest
@@ -165,16 +172,20 @@ class ProtectedClustering(Method):
     info_pool: int = 31
     taper: float = 1.0       # weight of the window pool's outer neighbours (pooled_scores)
     wide_share: float = 0.0  # window slots ranked first by the untapered pool (window_ranking)
-    scores: str = "window"   # what ranks the protected tokens: "window" or "reconstruction" (query-agnostic)
+    # what ranks the protected tokens: "window", or query-agnostic "reconstruction" (summed) and
+    # "reconstruction_max" (reconstruction_scores)
+    scores: str = "window"
 
     def __post_init__(self):
         if not 0.0 <= self.protect_fraction <= 1.0:
             raise ValueError(f"ProtectedClustering: protect_fraction must be in [0, 1], got {self.protect_fraction}")
-        if self.scores not in ("window", "reconstruction"):
-            raise ValueError(f"ProtectedClustering: scores must be 'window' or 'reconstruction', got {self.scores!r}")
+        if self.scores not in RANKINGS:
+            raise ValueError(f"ProtectedClustering: scores must be one of {RANKINGS}, got {self.scores!r}")
 
     def attention(self, region: Region) -> Tensor:
-        return region.window if self.scores == "window" else _reconstruction(region)
+        if self.scores == "window":
+            return region.window
+        return _reconstruction(region, "max" if self.scores == "reconstruction_max" else "sum")
 
     def compress(self, region):
         return protect_and_cluster(region.keys, region.values, None, self.attention(region), region.budget,
@@ -224,6 +235,32 @@ class ProtectedVariant(ProtectedClustering):
         return ranking.nan_to_num(0.0, posinf=0.0, neginf=-1.0).index_fill_(-1, recent, float("inf"))
 
 
+def cluster_keeping_key_norms(keys: Tensor, values: Tensor, sizes: Tensor, budget: int, chunk_size: int,
+                              num_merge: Optional[int]) -> Result:
+    """cluster_to_budget, then each centroid key rescaled to its members' size-weighted mean key
+    norm (the mean norm travels as an extra value channel through the same merges). A plain mean
+    of keys that point in slightly different directions is shorter than they are, which flattens
+    its logits toward 0; this keeps the direction SPEC.md's centroid has and the length its
+    members had."""
+    norms = keys.float().norm(dim=-1, keepdim=True)
+    ck, cv, cs = cluster_to_budget(keys, torch.cat([values.float(), norms], -1), sizes, budget, chunk_size, num_merge)
+    ck = ck.float() * (cv[..., -1:] / ck.float().norm(dim=-1, keepdim=True).clamp_min(EPS))
+    return ck, cv[..., :-1], cs
+
+
+@dataclass
+class NormKeepingClustering(ProtectedClustering):
+    """The product ranking (ProtectedClustering) with cluster_keeping_key_norms as the merge rule
+    (a merge-rule candidate for issue 16's centroid dividend; measured, results/eval/README.md)."""
+
+    def compress(self, region):
+        protect = protected_count(region.budget, self.protect_fraction)
+        kept, rest = top_tokens(self.ranking(region, protect), protect)
+        clustered = cluster_keeping_key_norms(*_keep(region, rest), region.budget - protect, self.chunk_size,
+                                              self.num_merge)
+        return tuple(torch.cat([exact.float(), merged], 2) for exact, merged in zip(_keep(region, kept), clustered))
+
+
 @dataclass
 class AbsorbEvicted(Method):
     """SnapKV survivors; evicted tokens merged into their most key-similar survivor
@@ -241,11 +278,22 @@ class AbsorbEvicted(Method):
                               self.protect_fraction, self.pool)
 
 
-def product_default() -> ProtectedClustering:
-    """The harness twin of the product's default policy (centroidkv.policies.protected)."""
-    from ..policies import ProtectedClustering as Product
-    product = Product()  # every field of the product policy has a harness field of the same name
+def twin(product) -> ProtectedClustering:
+    """The harness twin of a product ProtectedClustering (centroidkv.policies.protected)."""
+    # every field of the product policy has a harness field of the same name
     return ProtectedClustering(**{f.name: getattr(product, f.name) for f in fields(product)})
+
+
+def product_default() -> ProtectedClustering:
+    """The harness twin of the product's default policy."""
+    from ..policies import ProtectedClustering as Product
+    return twin(Product())
+
+
+def product_query_agnostic() -> ProtectedClustering:
+    """The harness twin of ProtectedClustering.query_agnostic() (every protected slot by surprisal)."""
+    from ..policies import ProtectedClustering as Product
+    return twin(Product.query_agnostic())
 
 
 METHODS = {
@@ -283,8 +331,15 @@ METHODS = {
     "protected90_s30w50": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3, wide_share=0.5,
                                                       taper=0.0),
     "default": product_default,                         # whatever CentroidKVCache uses by default
+    "agnostic": product_query_agnostic,                 # ProtectedClustering.query_agnostic()
     "kvzip": Reconstruction,                            # query-agnostic: reconstruction attention
     "default_rec": lambda: replace(product_default(), scores="reconstruction"),
+    "kvzip_max": lambda: Reconstruction(pool=1, reduce="max"),  # KVzip's own ranking, no pooling
+    "kvzip_max_p7": lambda: Reconstruction(reduce="max"),
+    "default_recmax": lambda: replace(product_default(), scores="reconstruction_max"),
+    # merge rules (issue 16): the default's ranking, another centroid
+    "default_normkeep": lambda: NormKeepingClustering(**{f.name: getattr(product_default(), f.name)
+                                                         for f in fields(ProtectedClustering)}),
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),
@@ -337,7 +392,7 @@ def needs_reconstruction(method: Method) -> bool:
     if isinstance(method, EvictionControl):
         method = method.ranked
     return isinstance(method, Reconstruction) or (isinstance(method, ProtectedClustering)
-                                                  and method.scores == "reconstruction")
+                                                  and method.scores != "window")
 
 
 def has_control(name: str) -> bool:

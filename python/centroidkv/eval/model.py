@@ -34,6 +34,7 @@ class AttentionState:
     sizes: dict = field(default_factory=dict)     # layer -> [B, Hkv, Lc] sizes of the cached prefix
     window_rows: dict = field(default_factory=dict)  # layer -> [B, Hq, <=W, L] weights of the last queries
     totals: dict = field(default_factory=dict)    # layer -> [B, Hq, L] attention summed over queries
+    peaks: dict = field(default_factory=dict)     # layer -> [B, Hq, L] largest attention any query paid
 
 
 def _attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling: float,
@@ -55,6 +56,7 @@ def _attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask
     key_pos = torch.arange(length, device=query.device)
     out = torch.empty(batch, q_heads, tq, v.shape[-1], device=query.device)
     total = torch.zeros(batch, q_heads, length, device=query.device) if state.record else None
+    peak = torch.zeros(batch, q_heads, length, device=query.device) if state.record else None
     rows = []
     for start in range(0, tq, QUERY_BLOCK):
         stop = min(tq, start + QUERY_BLOCK)
@@ -71,11 +73,13 @@ def _attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask
         out[:, :, start:stop] = weights @ v
         if state.record:
             total += weights.sum(dim=2)
+            torch.maximum(peak, weights.amax(dim=2), out=peak)
             first_window_row = max(start, tq - state.window)
             if first_window_row < stop:
                 rows.append(weights[:, :, first_window_row - start:])
     if state.record:  # this call's last min(W, Tq) query rows
         state.totals[layer] = total
+        state.peaks[layer] = peak
         state.window_rows[layer] = torch.cat(rows, dim=2)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 

@@ -89,16 +89,23 @@ def surprisal(logits: Tensor, ids: list[int], first: float = 0.0) -> Tensor:
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n\n"
 
 
+def _group_max(x: Tensor, kv_heads: int) -> Tensor:
+    """[1, Hq, L] -> [1, Hkv, L]: the largest over each KV head's group of query heads."""
+    return x.reshape(1, kv_heads, -1, x.shape[-1]).amax(dim=2)
+
+
 def reconstruction_scores(lm: M.LoadedModel, kv, ids: list[int]) -> dict:
-    """{layer: [1, Hkv, len(ids)]}: attention the context's tokens get while the model, asked to
-    repeat the context, reads it again after it (KVzip-style, query-agnostic), summed over the
-    repeating queries and each KV head's query group. One extra forward of about the context's
-    length; the cache `kv` is not changed."""
+    """{"sum" | "max": {layer: [1, Hkv, len(ids)]}}: attention the context's tokens get while the
+    model, asked to repeat the context, reads it again after it (KVzip-style, query-agnostic):
+    summed over the repeating queries and each KV head's query group, or the largest any of them
+    paid (KVzip's choice: a token one copying query needs outranks one every query glances at).
+    One extra forward of about the context's length; the cache `kv` is not changed."""
     repeat = lm.tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False)
     M.forward(lm, repeat + ids, M.cache_from(kv, lm.model.config), len(ids), record=True, last_only=True)
     kv_heads = lm.model.config.num_key_value_heads
-    return {i: _group_sum(lm.state.totals[i][..., :len(ids)], kv_heads)
-            for i in M.compressible_layers(lm.model.config)}
+    layers = M.compressible_layers(lm.model.config)
+    return {"sum": {i: _group_sum(lm.state.totals[i][..., :len(ids)], kv_heads) for i in layers},
+            "max": {i: _group_max(lm.state.peaks[i][..., :len(ids)], kv_heads) for i in layers}}
 
 
 def compress_cache(kv, window: dict, totals: dict, method, budget: Budget, seed: int,
@@ -119,7 +126,8 @@ def compress_cache(kv, window: dict, totals: dict, method, budget: Budget, seed:
         region = Region(k[:, :, lo:hi], v[:, :, lo:hi], window[layer][..., lo:hi].cpu(),
                         totals[layer][..., lo:hi].cpu(), budget.kept, gen,
                         None if info is None else info[lo:hi].view(1, 1, -1),
-                        None if reconstruction is None else reconstruction[layer][..., lo:hi].cpu())
+                        None if reconstruction is None else
+                        {kind: scores[layer][..., lo:hi].cpu() for kind, scores in reconstruction.items()})
         ck, cv, cs = method.compress(region)
         assert ck.shape[2] == budget.kept, (type(method).__name__, ck.shape, budget.kept)
         ones = torch.ones(1, k.shape[1], 1, device=k.device)

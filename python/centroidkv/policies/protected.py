@@ -64,6 +64,16 @@ class ProtectedClustering(Policy):
     score_window: ClassVar[int] = 32
     accumulate_scores: ClassVar[bool] = False
 
+    @classmethod
+    def query_agnostic(cls, **overrides) -> "ProtectedClustering":
+        """For a context compressed before its question is known (a document asked several
+        questions, a system prompt, an earlier chat turn): every protected slot is ranked by
+        token surprisal (info_share=1), none by the observation window, whose queries are then
+        the context's own last words. Prefill through `centroidkv.prefill`, which supplies the
+        surprisal; without it the window ranks every protected slot. Measured against the
+        default in results/eval/README.md (round 6). `overrides` set any other field."""
+        return cls(**{"info_share": 1.0, **overrides})
+
     @property
     def token_scores(self) -> bool:
         return self.info_share > 0
