@@ -175,6 +175,7 @@ class ProtectedClustering(Method):
     # what ranks the protected tokens: "window", or query-agnostic "reconstruction" (summed) and
     # "reconstruction_max" (reconstruction_scores)
     scores: str = "window"
+    cluster_rest = staticmethod(cluster_to_budget)  # the merge rule for the unprotected tokens
 
     def __post_init__(self):
         if not 0.0 <= self.protect_fraction <= 1.0:
@@ -191,7 +192,7 @@ class ProtectedClustering(Method):
         return protect_and_cluster(region.keys, region.values, None, self.attention(region), region.budget,
                                    self.protect_fraction, self.chunk_size, self.num_merge, self.pool,
                                    region.surprisal, self.info_share, self.info_pool, self.taper,
-                                   self.wide_share)[:3]
+                                   self.wide_share, self.cluster_rest)[:3]
 
     def ranking(self, region: Region, protect: int) -> Tensor:
         """Scores whose top `protect` are the tokens compress keeps exact when it protects that many."""
@@ -252,13 +253,7 @@ def cluster_keeping_key_norms(keys: Tensor, values: Tensor, sizes: Tensor, budge
 class NormKeepingClustering(ProtectedClustering):
     """The product ranking (ProtectedClustering) with cluster_keeping_key_norms as the merge rule
     (a merge-rule candidate for issue 16's centroid dividend; measured, results/eval/README.md)."""
-
-    def compress(self, region):
-        protect = protected_count(region.budget, self.protect_fraction)
-        kept, rest = top_tokens(self.ranking(region, protect), protect)
-        clustered = cluster_keeping_key_norms(*_keep(region, rest), region.budget - protect, self.chunk_size,
-                                              self.num_merge)
-        return tuple(torch.cat([exact.float(), merged], 2) for exact, merged in zip(_keep(region, kept), clustered))
+    cluster_rest = staticmethod(cluster_keeping_key_norms)
 
 
 @dataclass
@@ -278,16 +273,16 @@ class AbsorbEvicted(Method):
                               self.protect_fraction, self.pool)
 
 
-def twin(product) -> ProtectedClustering:
-    """The harness twin of a product ProtectedClustering (centroidkv.policies.protected)."""
+def twin(product, kind: type = ProtectedClustering) -> ProtectedClustering:
+    """The harness twin (a `kind`) of a product ProtectedClustering (centroidkv.policies.protected)."""
     # every field of the product policy has a harness field of the same name
-    return ProtectedClustering(**{f.name: getattr(product, f.name) for f in fields(product)})
+    return kind(**{f.name: getattr(product, f.name) for f in fields(product)})
 
 
-def product_default() -> ProtectedClustering:
+def product_default(kind: type = ProtectedClustering) -> ProtectedClustering:
     """The harness twin of the product's default policy."""
     from ..policies import ProtectedClustering as Product
-    return twin(Product())
+    return twin(Product(), kind)
 
 
 def product_query_agnostic() -> ProtectedClustering:
@@ -338,8 +333,7 @@ METHODS = {
     "kvzip_max_p7": lambda: Reconstruction(reduce="max"),
     "default_recmax": lambda: replace(product_default(), scores="reconstruction_max"),
     # merge rules (issue 16): the default's ranking, another centroid
-    "default_normkeep": lambda: NormKeepingClustering(**{f.name: getattr(product_default(), f.name)
-                                                         for f in fields(ProtectedClustering)}),
+    "default_normkeep": lambda: product_default(NormKeepingClustering),
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),

@@ -101,20 +101,21 @@ def protect_and_cluster(keys: Tensor, values: Tensor, sizes: Optional[Tensor], s
                         budget: int, protect_fraction: float = 0.5, chunk_size: int = 32,
                         num_merge: Optional[int] = None, pool: int = 7, info: Optional[Tensor] = None,
                         info_share: float = 0.0, info_pool: int = 31, taper: float = 1.0,
-                        wide_share: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                        wide_share: float = 0.0, cluster=cluster_to_budget
+                        ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """[protected exact tokens | clustered rest], `budget` slots per (row, head), ranked by
     protection_scores(scores, info, ...). Also returns the protected tokens' indices [B, H, P]
     in the input (in slot order; None when nothing is protected), so that callers can carry
-    per-token data along."""
+    per-token data along. `cluster` (cluster_to_budget's signature) merges the rest."""
     if sizes is None:
         sizes = torch.ones(keys.shape[:3], device=keys.device)
     protect = protected_count(budget, protect_fraction)
     ranking = protection_scores(scores, info, protect, info_share, pool, info_pool, taper, wide_share)
     if ranking is None or protect == 0:
-        return (*cluster_to_budget(keys, values, sizes, budget, chunk_size, num_merge), None)
+        return (*cluster(keys, values, sizes, budget, chunk_size, num_merge), None)
     kept, rest = top_tokens(ranking, protect)
-    ck, cv, cs = cluster_to_budget(_gather(keys, rest), _gather(values, rest), _gather(sizes.float(), rest),
-                                   budget - protect, chunk_size, num_merge)
+    ck, cv, cs = cluster(_gather(keys, rest), _gather(values, rest), _gather(sizes.float(), rest),
+                         budget - protect, chunk_size, num_merge)
     return (torch.cat([_gather(keys, kept), ck], 2), torch.cat([_gather(values, kept), cv], 2),
             torch.cat([_gather(sizes.float(), kept), cs], 2), kept)
 
