@@ -205,3 +205,23 @@ def test_cache_limits_script_reports_the_counts_the_readme_quotes(tmp_path):
     assert kept["0.99"] == 2000 and kept["0.9"] < kept["0.75"] < 2000  # 0.99's block outgrows the prompt
     budget = result["budget_100"]
     assert budget["end_slots"] <= budget["peak_slots"] and budget["peak_slots"] > 100  # not a hard cap
+
+
+def test_needle_coverage_tiny(tmp_path):
+    """Every ranking reports a share in [0, 1] for every task; the product's preset, ranked by
+    its own protection_scores, keeps exactly what the run-min7 span 10/4 candidate keeps."""
+    table = run_script("needle_coverage.py", "--tasks", "passkey,niah_multikey", tmp_path=tmp_path)
+    assert table and all(0.0 <= v <= 1.0 for v in table.values())
+    for ratio in (0.5, 0.75):
+        for task in ("all", "passkey", "niah_multikey"):
+            assert table[f"256/{ratio}/query_agnostic() preset/{task}"] == table[f"256/{ratio}/run-min7 span 10/4/{task}"]
+
+
+
+def test_needle_coverage_preset_row_is_the_run_candidate():
+    import needle_coverage
+
+    info = torch.rand(300, generator=torch.Generator().manual_seed(2)) * 6
+    ranked = needle_coverage.rankings(info)
+    torch.testing.assert_close(ranked["query_agnostic() preset"], ranked["run-min7 span 10/4"])
+    assert not torch.equal(ranked["run-min7 span 10/4"], ranked["span 15/15 (pool 31, round 6's preset)"])

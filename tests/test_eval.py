@@ -3,6 +3,7 @@
 Structure and sane values only; no score is hard-coded (a random-weight model scores ~0)."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -327,12 +328,16 @@ def test_cluster_keeping_key_norms_gives_each_centroid_its_members_mean_norm():
     torch.testing.assert_close((cv * cs[..., None]).sum(2), (values * sizes[..., None]).sum(2))
 
 
-def test_agnostic_is_the_product_preset_and_ranks_as_protected90_s100():
+def test_agnostic_is_the_product_preset_and_ranks_as_protected90_s100_by_runs():
     from centroidkv.policies import ProtectedClustering as Product
 
     agnostic = E.make_method("agnostic")
-    assert agnostic.info_share == 1.0 and agnostic.pool == Product.query_agnostic().pool
+    preset = Product.query_agnostic()
+    assert (agnostic.info_share, agnostic.pool, agnostic.info_run, agnostic.info_span) == (
+        1.0, preset.pool, preset.info_run, preset.info_span)
     region = _region()
+    runs = replace(E.make_method("protected90_s100"), info_run=7, info_span=(10, 4))
     for protect in (10, 60):  # the window plays no part: only the taper differs, which ranks it
+        torch.testing.assert_close(agnostic.ranking(region, protect), runs.ranking(region, protect))
         torch.testing.assert_close(agnostic.ranking(region, protect),
-                                   E.make_method("protected90_s100").ranking(region, protect))
+                                   E.make_method("agnostic_run7").ranking(region, protect))

@@ -88,6 +88,18 @@ def test_validation():
         ProtectedClustering(protect_fraction="0.5")
     with pytest.raises(TypeError, match="num_merge must be an integer"):
         ProtectedClustering(num_merge=1.5)
+    for span in (15, (1, 2, 3), "15"):
+        with pytest.raises(ValueError, match="info_span must be"):
+            ProtectedClustering(info_span=span)
+    with pytest.raises(ValueError, match="info_span must be two counts >= 0"):
+        ProtectedClustering(info_span=(-1, 4))
+    with pytest.raises(TypeError, match="info_span must be an integer"):
+        ProtectedClustering(info_span=(1.5, 4))
+    assert ProtectedClustering(info_span=[2, 12]).info_span == (2, 12)
+    with pytest.raises(ValueError, match="info_run must be odd"):
+        ProtectedClustering(info_run=4)
+    with pytest.raises(TypeError, match="info_run must be an integer"):
+        ProtectedClustering(info_run=7.0)
 
 
 @pytest.mark.parametrize("policy", [ProtectedClustering(), AbsorbIntoSurvivors()])

@@ -7,7 +7,8 @@ pytest.importorskip("transformers")
 import centroidkv  # noqa: E402
 from centroidkv.cache import cache_argument  # noqa: E402
 from centroidkv.policies import ProtectedClustering  # noqa: E402
-from centroidkv.policies.protection import pooled_scores, protection_scores, top_tokens, window_ranking  # noqa: E402
+from centroidkv.policies.protection import (pooled_scores, protection_scores, run_minimum,  # noqa: E402
+                                            spread_scores, top_tokens, window_ranking)
 
 
 def _scores(heads=2, length=200, seed=0):
@@ -25,6 +26,55 @@ def test_pooled_scores_taper_matches_its_definition(taper):
         near = [scores[..., i] * (1.0 if abs(i - j) <= 3 else taper) for i in range(max(0, j - 15), min(67, j + 16))]
         expected[..., j] = torch.stack(near, -1).amax(-1)
     torch.testing.assert_close(pooled_scores(scores, 31, taper, core=7), expected)
+
+
+@pytest.mark.parametrize("span", [(0, 12), (2, 12), (5, 0), (7, 7), (0, 0), (40, 3)])
+def test_spread_scores_matches_its_definition(span):
+    """Token j takes the largest score of the tokens that lend to it: those at most span[1]
+    before it and span[0] after it (a token lends backward span[0], forward span[1])."""
+    before, after = span
+    scores = torch.randn(2, 3, 37, generator=torch.Generator().manual_seed(5))
+    expected = torch.stack([scores[..., max(0, j - after):j + before + 1].amax(-1) for j in range(37)], -1)
+    torch.testing.assert_close(spread_scores(scores, span), expected)
+    if before == after:
+        torch.testing.assert_close(spread_scores(scores, span), pooled_scores(scores, 2 * before + 1))
+
+
+def test_info_span_reaches_forward_from_a_surprising_token():
+    """With info_span (0, 12) the protected slots are a surprising token and the 12 after it,
+    nothing before it; the symmetric default spends half of them before it."""
+    info = torch.zeros(1, 1, 100)
+    info[0, 0, 40] = 9.0
+    window = torch.zeros(1, 2, 100)
+    forward = top_tokens(protection_scores(window, info, 13, info_share=1.0, info_span=(0, 12)), 13)[0]
+    assert forward[0, 0].tolist() == list(range(40, 53))
+    both = top_tokens(protection_scores(window, info, 13, info_share=1.0, info_span=(6, 6)), 13)[0]
+    assert both[0, 1].tolist() == list(range(34, 47))
+
+
+@pytest.mark.parametrize("run", [1, 3, 7])
+def test_run_minimum_matches_its_definition(run):
+    """Each token takes the smallest score within run // 2 of it (the edges see only real tokens)."""
+    scores = torch.randn(2, 3, 29, generator=torch.Generator().manual_seed(6))
+    expected = torch.stack([scores[..., max(0, j - run // 2):j + run // 2 + 1].amin(-1) for j in range(29)], -1)
+    torch.testing.assert_close(run_minimum(scores, run), expected)
+
+
+def test_info_run_prefers_a_run_of_unpredictable_tokens_to_one_rare_word():
+    """Prose-like surprisal (a predictable token every third position, one rare word of 12 nats)
+    and a seven-digit code of 2.5 nats each: by surprisal alone the rare word ranks first, by
+    runs of seven the code does (its middle digit, the one token whose run is all code), and
+    info_span (10, 4) keeps the ten tokens before that and four after: the code and the seven
+    tokens before it (its name)."""
+    info = torch.tensor([3.0, 4.0, 0.2] * 40)[None, None]
+    info[0, 0, 30] = 12.0
+    info[0, 0, 80:87] = 2.5
+    info[0, 0, [79, 87]] = 0.2  # "is" before it, "." after it
+    window = torch.zeros(1, 1, 120)
+    rare_first = top_tokens(protection_scores(window, info, 1, info_share=1.0, info_span=(0, 0)), 1)[0]
+    assert rare_first.flatten().tolist() == [30]
+    kept = top_tokens(protection_scores(window, info, 15, info_share=1.0, info_span=(10, 4), info_run=7), 15)[0]
+    assert kept.flatten().tolist() == list(range(73, 88))
 
 
 @pytest.mark.parametrize("taper", [0.0, 0.25])
@@ -51,7 +101,7 @@ def test_window_ranking_tiers_match_their_definition(wide_share, taper):
 def test_protection_scores_split_between_window_and_surprisal():
     window, info = _scores()
     protect = 40
-    ranking = protection_scores(window, info, protect, info_share=0.25, pool=7, info_pool=31)
+    ranking = protection_scores(window, info, protect, info_share=0.25, pool=7, info_span=(15, 15))
     kept = set(top_tokens(ranking, protect)[0][0, 1].tolist())
     by_window = top_tokens(pooled_scores(window, 7), 30)[0][0, 1].tolist()
     assert set(by_window) <= kept and len(kept) == protect
@@ -190,13 +240,16 @@ def test_prefill_validates_arguments():
 
 def test_query_agnostic_preset_ranks_every_protected_slot_by_surprisal():
     policy = ProtectedClustering.query_agnostic(pool=7)
-    assert policy == ProtectedClustering(info_share=1.0, pool=7) and policy.token_scores
+    assert policy == ProtectedClustering(info_share=1.0, pool=7, info_run=7, info_span=(10, 4)) and policy.token_scores
     window = torch.rand(1, 2, 200, generator=torch.Generator().manual_seed(5))
     info = torch.zeros(1, 1, 200)
-    info[..., 120] = 9.0  # one surprising token; the window favours others everywhere
-    ranking = protection_scores(window, info, 40, policy.info_share, policy.pool, 31)
+    info[..., 117:124] = 3.0  # a run of seven unpredictable tokens; the window favours others everywhere
+    info[..., 40] = 12.0  # one rare word: not a run
+    ranking = protection_scores(window, info, 40, policy.info_share, policy.pool, policy.info_span,
+                                info_run=policy.info_run)
     around = torch.zeros(200, dtype=torch.bool)
-    around[105:136] = True  # the surprising token's pool of 31 is protected in both heads
+    before, after = policy.info_span
+    around[120 - before:121 + after] = True  # the run's centre and its span are protected in both heads
     chosen = ranking == ranking.amax(-1, keepdim=True)
     assert chosen[..., around].all() and chosen.sum(-1).eq(40).all()
     window_only = protection_scores(window, None, 40, 0.0, policy.pool)

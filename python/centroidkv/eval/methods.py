@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..policies.cluster_budget import PARTITIONS, cluster_to_budget
-from ..policies.protection import (absorb_evicted, pooled_scores, protect_and_cluster, protected_count, protection_scores,
-                         top_tokens, window_ranking)
+from ..policies.protection import (absorb_evicted, protect_and_cluster, protected_count, protection_scores,
+                         run_minimum, spread_scores, top_tokens, window_ranking)
 from ..reference import EPS
 
 
@@ -100,13 +100,16 @@ class SnapKV(Method):
     is the last W prompt tokens (the question when it is in the prompt)."""
     pool: int = 7
     info_share: float = 0.0  # share of the budget ranked by token surprisal instead (1 = surprisal only)
+    info_span: tuple[int, int] = (15, 15)  # tokens before / after a surprising one kept with it
+    info_run: int = 1
 
     def __post_init__(self):
         if self.pool < 1 or self.pool % 2 == 0:
             raise ValueError(f"SnapKV: pool must be odd >= 1, got {self.pool}")
 
     def compress(self, region):
-        scores = protection_scores(region.window, region.surprisal, region.budget, self.info_share, self.pool)
+        scores = protection_scores(region.window, region.surprisal, region.budget, self.info_share, self.pool,
+                                   self.info_span, info_run=self.info_run)
         return _keep(region, top_tokens(scores, region.budget)[0])
 
 
@@ -169,7 +172,8 @@ class ProtectedClustering(Method):
     num_merge: Optional[int] = 8
     pool: int = 7
     info_share: float = 0.0  # share of the protected slots ranked by token surprisal
-    info_pool: int = 31
+    info_span: tuple[int, int] = (15, 15)  # tokens before / after a surprising one kept with it
+    info_run: int = 1        # surprisal's minimum over centred runs of this many tokens (run_minimum)
     taper: float = 1.0       # weight of the window pool's outer neighbours (pooled_scores)
     wide_share: float = 0.0  # window slots ranked first by the untapered pool (window_ranking)
     # what ranks the protected tokens: "window", or query-agnostic "reconstruction" (summed) and
@@ -191,13 +195,13 @@ class ProtectedClustering(Method):
     def compress(self, region):
         return protect_and_cluster(region.keys, region.values, None, self.attention(region), region.budget,
                                    self.protect_fraction, self.chunk_size, self.num_merge, self.pool,
-                                   region.surprisal, self.info_share, self.info_pool, self.taper,
-                                   self.wide_share, self.cluster_rest)[:3]
+                                   region.surprisal, self.info_share, self.info_span, self.taper,
+                                   self.wide_share, self.cluster_rest, self.info_run)[:3]
 
     def ranking(self, region: Region, protect: int) -> Tensor:
         """Scores whose top `protect` are the tokens compress keeps exact when it protects that many."""
         return protection_scores(self.attention(region), region.surprisal, protect, self.info_share, self.pool,
-                                 self.info_pool, self.taper, self.wide_share)
+                                 self.info_span, self.taper, self.wide_share, self.info_run)
 
 
 def smoothed(info: Tensor, width: int) -> Tensor:
@@ -231,8 +235,8 @@ class ProtectedVariant(ProtectedClustering):
         info = region.surprisal
         if info is not None:
             info = smoothed(info, self.info_smooth) if self.info_smooth > 1 else info.float()
-            info = pooled_scores(info, self.info_pool).index_fill_(-1, recent, float("-inf"))
-        ranking = protection_scores(window, info, protect - len(recent), self.info_share, 1, 1)
+            info = spread_scores(run_minimum(info, self.info_run), self.info_span).index_fill_(-1, recent, float("-inf"))
+        ranking = protection_scores(window, info, protect - len(recent), self.info_share, 1, (0, 0))
         return ranking.nan_to_num(0.0, posinf=0.0, neginf=-1.0).index_fill_(-1, recent, float("inf"))
 
 
@@ -286,7 +290,8 @@ def product_default(kind: type = ProtectedClustering) -> ProtectedClustering:
 
 
 def product_query_agnostic() -> ProtectedClustering:
-    """The harness twin of ProtectedClustering.query_agnostic() (every protected slot by surprisal)."""
+    """The harness twin of ProtectedClustering.query_agnostic() (every protected slot by surprisal,
+    counted by runs)."""
     from ..policies import ProtectedClustering as Product
     return twin(Product.query_agnostic())
 
@@ -320,7 +325,7 @@ METHODS = {
     "protected90_s50": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.5),
     "protected90_p7s50": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.5),
     "protected90_p7s30": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.3),
-    "protected90_p7s30i15": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.3, info_pool=15),
+    "protected90_p7s30i15": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.3, info_span=(7, 7)),
     "protected90_s30t25": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3, taper=0.25),
     "protected90_s50t25": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.5, taper=0.25),
     "protected90_s30w50": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3, wide_share=0.5,
@@ -334,6 +339,12 @@ METHODS = {
     "default_recmax": lambda: replace(product_default(), scores="reconstruction_max"),
     # merge rules (issue 16): the default's ranking, another centroid
     "default_normkeep": lambda: product_default(NormKeepingClustering),
+    # query-agnostic rankings (round 7): surprisal spread forward from its cue; runs of unpredictable
+    # tokens (agnostic_run7 ranks as the preset since round 7; protected90_s100 as it did in round 6)
+    "agnostic_cue": lambda: replace(product_query_agnostic(), info_run=1, info_span=(0, 12)),
+    "agnostic_run7": lambda: replace(product_query_agnostic(), info_run=7, info_span=(10, 4)),
+    "default_run7": lambda: replace(product_default(), info_run=7, info_span=(10, 4)),
+    "surprisal_run7": lambda: SnapKV(info_share=1.0, info_run=7, info_span=(10, 4)),
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),

@@ -54,6 +54,11 @@ class ProtectedClustering(Policy):
             attention: recall that survives a question asked after compression. Needs the
             tokens' surprisal, which `centroidkv.prefill` hands the cache; without it the
             window ranks every protected slot.
+        info_run: surprisal is first reduced to its minimum over centred runs of this many tokens
+            (odd; run_minimum), so that a run of unpredictable tokens (a number, a code) outranks
+            one rare word; 1 = each token's own surprisal.
+        info_span: (tokens before, tokens after) a surprising token (or run) that are kept exact
+            with it (spread_scores); (15, 15) is a symmetric pool of 31.
     """
     protect_fraction: float = 0.9
     num_merge: Optional[int] = 8
@@ -61,6 +66,8 @@ class ProtectedClustering(Policy):
     taper: float = 0.25
     wide_share: float = 0.0
     info_share: float = 0.3
+    info_run: int = 1
+    info_span: tuple[int, int] = (15, 15)
     score_window: ClassVar[int] = 32
     accumulate_scores: ClassVar[bool] = False
 
@@ -69,10 +76,13 @@ class ProtectedClustering(Policy):
         """For a context compressed before its question is known (a document asked several
         questions, a system prompt, an earlier chat turn): every protected slot is ranked by
         token surprisal (info_share=1), none by the observation window, whose queries are then
-        the context's own last words. Prefill through `centroidkv.prefill`, which supplies the
-        surprisal; without it the window ranks every protected slot. Measured against the
-        default in results/eval/README.md (round 6). `overrides` set any other field."""
-        return cls(**{"info_share": 1.0, **overrides})
+        the context's own last words. Surprisal counts by runs of seven tokens (info_run=7: a
+        number or a code, each of its tokens unpredictable, outranks one rare word) and a run
+        keeps the ten tokens before it (the name it belongs to) and four after
+        (info_span=(10, 4)). Prefill through `centroidkv.prefill`, which supplies the surprisal;
+        without it the window ranks every protected slot. Measured against the default in
+        results/eval/README.md (rounds 6 and 7). `overrides` set any other field."""
+        return cls(**{"info_share": 1.0, "info_run": 7, "info_span": (10, 4), **overrides})
 
     @property
     def token_scores(self) -> bool:
@@ -92,13 +102,22 @@ class ProtectedClustering(Policy):
             raise ValueError(f"{owner}: num_merge must be >= 1 or None, got {self.num_merge}")
         if self.pool < 1 or self.pool % 2 == 0:
             raise ValueError(f"{owner}: pool must be odd >= 1, got {self.pool}")
+        self.info_run = as_int(owner, "info_run", self.info_run)
+        if self.info_run < 1 or self.info_run % 2 == 0:
+            raise ValueError(f"{owner}: info_run must be odd >= 1, got {self.info_run}")
+        span = self.info_span
+        if not isinstance(span, (tuple, list)) or len(span) != 2:
+            raise ValueError(f"{owner}: info_span must be (tokens before, tokens after), got {span!r}")
+        self.info_span = tuple(as_int(owner, "info_span", x) for x in span)
+        if min(self.info_span) < 0:
+            raise ValueError(f"{owner}: info_span must be two counts >= 0, got {span!r}")
 
     def _run(self, segment: Segment, budget: int, chunk_size: int) -> Segment:
         num_merge = None if self.num_merge is None else min(self.num_merge, chunk_size // 2)
         keys, values, sizes, kept = protect_and_cluster(
             segment.keys, segment.values, segment.sizes, segment.scores, budget, self.protect_fraction,
-            chunk_size, num_merge, self.pool, segment.info, self.info_share, taper=self.taper,
-            wide_share=self.wide_share)
+            chunk_size, num_merge, self.pool, segment.info, self.info_share, self.info_span, taper=self.taper,
+            wide_share=self.wide_share, info_run=self.info_run)
         if kept is None:
             return Segment(keys, values, sizes)
         # Protected slots keep their scores for later passes; clustered slots start from zero.

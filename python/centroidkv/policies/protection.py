@@ -43,6 +43,31 @@ def pooled_scores(scores: Tensor, kernel: int = 7, taper: float = 1.0, core: int
     return torch.maximum(pool(core), taper * pool(kernel))
 
 
+def spread_scores(scores: Tensor, span: tuple[int, int]) -> Tensor:
+    """[B, H, L] scores where each token lends its score to the span[0] tokens before it and the
+    span[1] tokens after it (each keeps the largest it is lent): span (k // 2, k // 2) is the
+    symmetric max-pool of width k. A surprising word is the cue of what follows it (a name, then
+    its number), so surprisal reaches further forward than back (results/eval/README.md)."""
+    before, after = span
+    if before == after:
+        return pooled_scores(scores, 2 * before + 1)
+    b, h, length = scores.shape
+    padded = F.pad(scores.float().reshape(b * h, 1, length), (after, before), value=float("-inf"))
+    return F.max_pool1d(padded, before + after + 1, stride=1).reshape(b, h, length)
+
+
+def run_minimum(scores: Tensor, run: int) -> Tensor:
+    """[B, H, L] scores -> the smallest score in a centred window of `run` tokens (odd): high
+    only inside a run of tokens that are all high. On surprisal that marks a number or a code
+    (every digit unpredictable) rather than one rare word, since prose has a predictable token
+    every few tokens (results/eval/README.md, round 7)."""
+    if run <= 1:
+        return scores.float()
+    b, h, length = scores.shape
+    flat = -scores.float().reshape(b * h, 1, length)
+    return -F.max_pool1d(flat, run, stride=1, padding=run // 2).reshape(b, h, length)
+
+
 def window_ranking(window: Tensor, slots: int, pool: int = 7, taper: float = 1.0, wide_share: float = 0.0,
                    core: int = 7) -> Tensor:
     """Window scores [B, H, L] ranked for `slots` exact slots: max-pooled over `pool` with the
@@ -65,16 +90,19 @@ def top_tokens(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
 
 
 def protection_scores(window: Optional[Tensor], info: Optional[Tensor], protect: int, info_share: float = 0.0,
-                      pool: int = 7, info_pool: int = 31, taper: float = 1.0, wide_share: float = 0.0
-                      ) -> Optional[Tensor]:
+                      pool: int = 7, info_span: tuple[int, int] = (15, 15), taper: float = 1.0,
+                      wide_share: float = 0.0, info_run: int = 1) -> Optional[Tensor]:
     """Scores [B, H, L] whose top `protect` are the tokens to keep exact: the top
     round((1 - info_share) * protect) by max-pooled window attention (window_ranking), then the
-    best of the rest by max-pooled token surprisal `info` [B, H or 1, L] (query-agnostic: a needle
-    is unpredictable text, prose mostly is not). Pooling keeps a chosen token's neighbours (its
-    sentence) with it. Without token scores (None or all zero) the window ranks everything."""
+    best of the rest by token surprisal `info` [B, H or 1, L] (query-agnostic: a needle is
+    unpredictable text, prose mostly is not), first reduced to its minimum over runs of
+    `info_run` tokens (run_minimum), then spread over `info_span` (the tokens before and after a
+    surprising one that are kept with it, spread_scores), so that a chosen token's neighbours
+    stay with it. Without token scores (None or all zero) the window ranks everything."""
     if info is None or info_share <= 0 or not bool(info.any()):
         return None if window is None else window_ranking(window, protect, pool, taper, wide_share)
-    info = pooled_scores(info.expand(info.shape[0], window.shape[1] if window is not None else 1, -1), info_pool)
+    info = info.expand(info.shape[0], window.shape[1] if window is not None else 1, -1)
+    info = spread_scores(run_minimum(info, info_run), info_span)
     if window is None:
         return info
     from_window = round((1.0 - info_share) * protect)
@@ -100,8 +128,8 @@ def protected_count(budget: int, protect_fraction: float) -> int:
 def protect_and_cluster(keys: Tensor, values: Tensor, sizes: Optional[Tensor], scores: Optional[Tensor],
                         budget: int, protect_fraction: float = 0.5, chunk_size: int = 32,
                         num_merge: Optional[int] = None, pool: int = 7, info: Optional[Tensor] = None,
-                        info_share: float = 0.0, info_pool: int = 31, taper: float = 1.0,
-                        wide_share: float = 0.0, cluster=cluster_to_budget
+                        info_share: float = 0.0, info_span: tuple[int, int] = (15, 15), taper: float = 1.0,
+                        wide_share: float = 0.0, cluster=cluster_to_budget, info_run: int = 1
                         ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """[protected exact tokens | clustered rest], `budget` slots per (row, head), ranked by
     protection_scores(scores, info, ...). Also returns the protected tokens' indices [B, H, P]
@@ -110,7 +138,7 @@ def protect_and_cluster(keys: Tensor, values: Tensor, sizes: Optional[Tensor], s
     if sizes is None:
         sizes = torch.ones(keys.shape[:3], device=keys.device)
     protect = protected_count(budget, protect_fraction)
-    ranking = protection_scores(scores, info, protect, info_share, pool, info_pool, taper, wide_share)
+    ranking = protection_scores(scores, info, protect, info_share, pool, info_span, taper, wide_share, info_run)
     if ranking is None or protect == 0:
         return (*cluster(keys, values, sizes, budget, chunk_size, num_merge), None)
     kept, rest = top_tokens(ranking, protect)
