@@ -31,15 +31,18 @@ from centroidkv.eval.runner import prompt_parts
 from centroidkv.eval.tasks import make_samples
 from centroidkv.policies import PlainClustering, ProtectedClustering
 
+SINGLE_TOKENS = {"info_run": 1, "info_span": (15, 15)}  # surprisal token by token, pooled over 31 (rounds 2 to 6)
 CONFIGS = {  # name -> (policy or None for the full cache, prefill hands surprisal)
     "full": (None, False),
     "paper": (PlainClustering(), False),
     "window_pool7": (ProtectedClustering(pool=7, info_share=0.0), False),
     "window_pool31": (ProtectedClustering(pool=31, taper=1.0, info_share=0.0), False),
-    "surprisal30": (ProtectedClustering(pool=31, taper=1.0, info_share=0.3), True),  # round 2's default
-    "surprisal50": (ProtectedClustering(pool=31, taper=1.0, info_share=0.5), True),
-    "surprisal50_plain_prefill": (ProtectedClustering(pool=31, taper=1.0, info_share=0.5), False),  # window only
+    "surprisal30": (ProtectedClustering(pool=31, taper=1.0, info_share=0.3, **SINGLE_TOKENS), True),  # round 2's default
+    "surprisal50": (ProtectedClustering(pool=31, taper=1.0, info_share=0.5, **SINGLE_TOKENS), True),
+    "surprisal50_plain_prefill": (ProtectedClustering(pool=31, taper=1.0, info_share=0.5, **SINGLE_TOKENS), False),
+    "round3_default": (ProtectedClustering(info_share=0.3, **SINGLE_TOKENS), True),  # the default of rounds 3 to 6
     "default": (ProtectedClustering(), True),
+    "agnostic": (ProtectedClustering.query_agnostic(), True),
 }
 
 

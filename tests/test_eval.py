@@ -180,9 +180,11 @@ def test_protected_variant_defaults_are_the_product_ranking_and_recency_stays_ex
 def test_default_method_is_the_products_default_policy():
     from centroidkv.policies import ProtectedClustering as Product
     harness, product = E.make_method("default"), Product()
-    for name in ("protect_fraction", "num_merge", "pool", "info_share", "taper", "wide_share"):
+    for name in ("protect_fraction", "num_merge", "pool", "info_share", "info_run", "info_span", "taper", "wide_share"):
         assert getattr(harness, name) == getattr(product, name), name
-    assert harness == E.make_method("protected90_s30t25")  # the name its measurements carry
+    assert harness == E.make_method("default_s70_run7")  # the name its measurements carry (round 7)
+    # names measured on the round-3 default keep meaning it
+    assert E.make_method("default_run7") == replace(E.make_method("protected90_s30t25"), info_run=7, info_span=(10, 4))
 
 
 @pytest.mark.parametrize("args,message", [
@@ -272,7 +274,7 @@ def test_reconstruction_methods_rank_by_the_reconstruction_pass():
         method = E.make_method(name)
         assert method.scores.startswith("reconstruction") and E.needs_reconstruction(method)
         assert E.needs_reconstruction(E.make_method(name + "+evict"))
-        torch.testing.assert_close(method.ranking(region, 30), E.make_method("default").ranking(
+        torch.testing.assert_close(method.ranking(region, 30), E.make_method("protected90_s30t25").ranking(
             E.Region(**{**region.__dict__, "window": region.reconstruction[reduce]}), 30))
     assert not E.needs_reconstruction(E.make_method("default"))
     region.reconstruction = None
@@ -304,10 +306,10 @@ def test_reconstruction_scores_read_the_context_again():
 
 
 # ------------------------------------------------------------ merge rules
-def test_norm_keeping_centroids_differ_from_the_default_only_in_key_length():
+def test_norm_keeping_centroids_differ_from_plain_ones_only_in_key_length():
     region = _region()
     keys, values, sizes = E.make_method("default_normkeep").compress(region)
-    ref_keys, ref_values, ref_sizes = E.make_method("default").compress(region)
+    ref_keys, ref_values, ref_sizes = E.make_method("protected90_s30t25").compress(region)
     torch.testing.assert_close(values, ref_values)  # same ranking, same merges
     torch.testing.assert_close(sizes, ref_sizes)
     cosine = torch.nn.functional.cosine_similarity(keys, ref_keys.float(), dim=-1)

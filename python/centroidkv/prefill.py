@@ -7,7 +7,7 @@ the logits of every position, which `generate` does not ask for; this function a
 (in chunks, so a long prompt never holds [T, vocab] logits at once) and hands them to the cache.
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    cache = CentroidKVCache(ratio=0.75)                    # default policy: info_share=0.3
+    cache = CentroidKVCache(ratio=0.75)                    # default policy: info_share=0.7
     centroidkv.prefill(model, ids[:, :-1], cache)          # all but the last prompt token
     out = model.generate(ids, **{cache_argument(model): cache}, max_new_tokens=32)
 """

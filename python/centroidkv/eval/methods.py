@@ -289,6 +289,12 @@ def product_default(kind: type = ProtectedClustering) -> ProtectedClustering:
     return twin(Product(), kind)
 
 
+def round3_default(kind: type = ProtectedClustering, **changes) -> ProtectedClustering:
+    """The product's default of rounds 3 to 6 (`protected90_s30t25`), which the `default_*`
+    variants measured then were built on; pinned, so their names keep meaning what they measured."""
+    return kind(**{"protect_fraction": 0.9, "pool": 31, "info_share": 0.3, "taper": 0.25, **changes})
+
+
 def product_query_agnostic() -> ProtectedClustering:
     """The harness twin of ProtectedClustering.query_agnostic() (every protected slot by surprisal,
     counted by runs)."""
@@ -326,25 +332,29 @@ METHODS = {
     "protected90_p7s50": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.5),
     "protected90_p7s30": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.3),
     "protected90_p7s30i15": lambda: ProtectedClustering(protect_fraction=0.9, info_share=0.3, info_span=(7, 7)),
-    "protected90_s30t25": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3, taper=0.25),
+    "protected90_s30t25": round3_default,
     "protected90_s50t25": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.5, taper=0.25),
     "protected90_s30w50": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=0.3, wide_share=0.5,
                                                       taper=0.0),
     "default": product_default,                         # whatever CentroidKVCache uses by default
     "agnostic": product_query_agnostic,                 # ProtectedClustering.query_agnostic()
     "kvzip": Reconstruction,                            # query-agnostic: reconstruction attention
-    "default_rec": lambda: replace(product_default(), scores="reconstruction"),
+    "default_rec": lambda: round3_default(scores="reconstruction"),
     "kvzip_max": lambda: Reconstruction(pool=1, reduce="max"),  # KVzip's own ranking, no pooling
     "kvzip_max_p7": lambda: Reconstruction(reduce="max"),
-    "default_recmax": lambda: replace(product_default(), scores="reconstruction_max"),
-    # merge rules (issue 16): the default's ranking, another centroid
-    "default_normkeep": lambda: product_default(NormKeepingClustering),
+    "default_recmax": lambda: round3_default(scores="reconstruction_max"),
+    # merge rules (issue 16): the round-3 default's ranking, another centroid
+    "default_normkeep": lambda: round3_default(NormKeepingClustering),
     # query-agnostic rankings (round 7): surprisal spread forward from its cue; runs of unpredictable
     # tokens (agnostic_run7 ranks as the preset since round 7; protected90_s100 as it did in round 6)
     "agnostic_cue": lambda: replace(product_query_agnostic(), info_run=1, info_span=(0, 12)),
     "agnostic_run7": lambda: replace(product_query_agnostic(), info_run=7, info_span=(10, 4)),
-    "default_run7": lambda: replace(product_default(), info_run=7, info_span=(10, 4)),
+    "default_run7": lambda: round3_default(info_run=7, info_span=(10, 4)),
     "surprisal_run7": lambda: SnapKV(info_share=1.0, info_run=7, info_span=(10, 4)),
+    # the window and runs of seven sharing the protected slots (round 7; default_s70_run7 = the default since)
+    "default_s50_run7": lambda: round3_default(info_share=0.5, info_run=7, info_span=(10, 4)),
+    "default_s70_run7": lambda: round3_default(info_share=0.7, info_run=7, info_span=(10, 4)),
+    "agnostic_run7_p95": lambda: replace(product_query_agnostic(), protect_fraction=0.95),
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),
