@@ -355,6 +355,7 @@ METHODS = {
     "default_s50_run7": lambda: round3_default(info_share=0.5, info_run=7, info_span=(10, 4)),
     "default_s70_run7": lambda: round3_default(info_share=0.7, info_run=7, info_span=(10, 4)),
     "agnostic_run7_p95": lambda: replace(product_query_agnostic(), protect_fraction=0.95),
+    "agnostic_run7_nobias": lambda: replace(product_query_agnostic(), size_bias=False),  # log(size) off
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),
