@@ -42,7 +42,11 @@ CONFIGS = {  # name -> (policy or None for the full cache, prefill hands surpris
     "surprisal50_plain_prefill": (ProtectedClustering(pool=31, taper=1.0, info_share=0.5, **SINGLE_TOKENS), False),
     "round3_default": (ProtectedClustering(info_share=0.3, **SINGLE_TOKENS), True),  # the default of rounds 3 to 6
     "default": (ProtectedClustering(), True),
-    "agnostic": (ProtectedClustering.query_agnostic(), True),
+    "agnostic": (ProtectedClustering.query_agnostic(size_bias=1.0), True),  # as round 7 measured it
+    # a tempered size bias (round 8): attention adds size_bias * log(size)
+    "default_b50": (ProtectedClustering(size_bias=0.5), True),
+    "agnostic_b50": (ProtectedClustering.query_agnostic(size_bias=0.5), True),
+    "agnostic_b25": (ProtectedClustering.query_agnostic(size_bias=0.25), True),
 }
 
 

@@ -151,8 +151,8 @@ def test_quick_run_structure(tmp_path):
 def test_registry_names_match_parameters():
     assert E.make_method("absorb_p50").protect_fraction == 0.5
     assert E.make_method("protected90").protect_fraction == 0.9
-    assert E.make_method("protected90_nobias").size_bias is False
-    assert E.make_method("paper").size_bias is True and E.make_method("paper_nobias").size_bias is False
+    assert E.make_method("protected90_nobias").size_bias == 0
+    assert E.make_method("paper").size_bias == 1 and E.make_method("paper_nobias").size_bias == 0
     assert E.make_method("paper_c64").chunk_size == 64 and E.make_method("paper_r4").num_merge == 8
 
 
@@ -249,6 +249,42 @@ def test_dividend_pairs_each_sample_with_its_control():
     assert "centroid dividend" in markdown(records) and "+38% less KL" in markdown(records)
 
 
+def test_pool_tells_seeds_apart_counts_a_shared_record_once_and_pairs_methods(tmp_path):
+    from centroidkv.eval import pool as P
+    from centroidkv.eval.report import summarize
+
+    def run(name, seed, rows):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"seed": seed}))
+        (folder / "samples.jsonl").write_text("".join(
+            json.dumps(dict(setting="question_after", task="passkey", length=1024, sample=sample, method=method,
+                            ratio=ratio, score=score)) + "\n" for sample, method, ratio, score in rows))
+        return folder
+
+    full = [(0, "full", 0.0, 1.0), (1, "full", 0.0, 1.0)]
+    a = run("a", 0, full + [(0, "new", 0.75, 1.0), (1, "new", 0.75, 0.0)])
+    b = run("b", 0, full + [(0, "old", 0.75, 0.0), (1, "old", 0.75, 0.0)])  # seed 0 again: full counted once
+    c = run("c", 1, [(0, "full", 0.0, 1.0), (1, "full", 0.0, 0.0),  # seed 1: other samples
+                     (0, "new", 0.75, 1.0), (0, "default", 0.75, 1.0)])
+    records = P.pool([(a, {}), (b, {}), (c, {"default": "old"})])
+    assert sum(r["method"] == "full" for r in records) == 4 and len(records) == 10
+    # % of full over the method's own samples (full finds all three of them, not 3 of 4)
+    assert summarize(records)["relative"][("question_after", "new", 0.75)] == pytest.approx(2 / 3)
+    (row,) = P.paired(records, {"new": "old"}.get)
+    assert (row["n"], row["better"], row["worse"]) == (3, 1, 0) and row["dividend"] == pytest.approx(1 / 3)
+    out = tmp_path / "pooled"
+    assert P.main([str(a), str(b), f"{c}:default=old", "--compare", "new:old", "--out", str(out)]) == 0
+    text = (out / "summary.md").read_text()
+    assert "| question_after | 1024 | new | old | 0.75 | 3 |" in text and "n=3" in text
+    with pytest.raises(SystemExit):
+        P.main([str(a), "--compare", "new"])  # not method:baseline
+    with pytest.raises(SystemExit):
+        P.main([f"{a}:default"])  # not name=alias
+    with pytest.raises(SystemExit):
+        P.main([str(tmp_path)])  # not a run folder
+
+
 def test_cli_adds_the_controls_when_asked():
     from centroidkv.eval.cli import _expand
 
@@ -335,8 +371,10 @@ def test_agnostic_is_the_product_preset_and_ranks_as_protected90_s100_by_runs():
 
     agnostic = E.make_method("agnostic")
     preset = Product.query_agnostic()
-    assert (agnostic.info_share, agnostic.pool, agnostic.info_run, agnostic.info_span) == (
-        1.0, preset.pool, preset.info_run, preset.info_span)
+    assert (agnostic.info_share, agnostic.pool, agnostic.info_run, agnostic.info_span, agnostic.size_bias) == (
+        1.0, preset.pool, preset.info_run, preset.info_span, 0.5)
+    # the names measured before the preset tempered its bias keep SPEC.md's
+    assert E.make_method("agnostic_run7").size_bias == 1.0 and E.make_method("agnostic_b50") == agnostic
     region = _region()
     runs = replace(E.make_method("protected90_s100"), info_run=7, info_span=(10, 4))
     for protect in (10, 60):  # the window plays no part: only the taper differs, which ranks it

@@ -117,3 +117,44 @@ def test_generate_with_cache(policy):
     out = model.generate(ids, **{cache_argument(model): cache}, max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 305)
     assert cache.get_seq_length() == 304  # positions continue from the uncompressed length
+
+
+@pytest.mark.parametrize("new_tokens", [1, 5])  # a decode step (the attention op), a chunk (prefill attention)
+@pytest.mark.parametrize("max_cache_len", [None, 512])  # growing buffers, static ones (captured decode)
+def test_size_bias_tempers_attention_not_the_stored_sizes(new_tokens, max_cache_len):
+    import centroidkv
+    from centroidkv.cache import cache_argument
+    from hf_helpers import VOCAB, tiny_model
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    prompt, more = torch.randint(0, VOCAB, (1, 300), generator=g), torch.randint(0, VOCAB, (1, new_tokens), generator=g)
+    name = cache_argument(model)
+
+    @torch.no_grad()
+    def run(size_bias, temper_stored=1.0):
+        cache = centroidkv.CentroidKVCache(ratio=0.75, policy=ProtectedClustering(size_bias=size_bias),
+                                           max_cache_len=max_cache_len)
+        model(prompt, use_cache=True, **{name: cache})
+        for layer in cache.layers:
+            layer.sizes.pow_(temper_stored)
+        logits = model(more, use_cache=True, **{name: cache}).logits
+        return logits, [layer.sizes.clone() for layer in cache.layers]
+
+    spec, spec_sizes = run(1.0)
+    tempered, tempered_sizes = run(0.5)
+    by_hand, _ = run(1.0, temper_stored=0.5)  # the SPEC bias over sizes tempered by hand
+    assert max(s.max() for s in spec_sizes) > 1  # centroids exist: the bias has something to change
+    torch.testing.assert_close(tempered, by_hand)
+    assert not torch.allclose(tempered, spec, atol=1e-3)
+    for true, kept in zip(spec_sizes, tempered_sizes):  # the cache keeps true sizes for later merges
+        torch.testing.assert_close(kept, true)
+        torch.testing.assert_close(kept.sum(-1), torch.full_like(kept.sum(-1), 300.0 + new_tokens))
+
+
+def test_size_bias_validation():
+    for bad in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="size_bias must be in"):
+            ProtectedClustering(size_bias=bad)
+    with pytest.raises(TypeError, match="size_bias must be a number"):
+        ProtectedClustering(size_bias="0.5")
+    assert ProtectedClustering().size_bias == 1.0  # SPEC.md's proportional attention by default

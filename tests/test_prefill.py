@@ -240,7 +240,8 @@ def test_prefill_validates_arguments():
 
 def test_query_agnostic_preset_ranks_every_protected_slot_by_surprisal():
     policy = ProtectedClustering.query_agnostic(pool=7)
-    assert policy == ProtectedClustering(info_share=1.0, pool=7, info_run=7, info_span=(10, 4)) and policy.token_scores
+    assert policy == ProtectedClustering(info_share=1.0, pool=7, info_run=7, info_span=(10, 4), size_bias=0.5)
+    assert policy.token_scores
     window = torch.rand(1, 2, 200, generator=torch.Generator().manual_seed(5))
     info = torch.zeros(1, 1, 200)
     info[..., 117:124] = 3.0  # a run of seven unpredictable tokens; the window favours others everywhere

@@ -227,14 +227,19 @@ class CentroidKVLayer(SlotStorage, CacheLayerMixin):
 
     # ------------------------------------------------ calls from the attention implementation
     def attention_inputs(self) -> tuple[Tensor, Optional[Tensor], bool]:
-        """(sizes [B, H, L], lengths [B] or None when every row holds all L slots, whether all
-        heads' sizes are alike) for the views returned by the last update."""
+        """(sizes [B, H, L] as attention weighs them (size ** policy.size_bias), lengths [B] or
+        None when every row holds all L slots, whether all heads' sizes are alike) for the views
+        returned by the last update."""
         self._unattended = False
+        bias = self.options.policy.size_bias
         if self._captured:  # whole buffers; slots past each row's length have size 0; heads
             # taken as unalike (always correct) so the first clustering does not change the graph
-            return self.sizes, self.lengths_dev, False
+            return (self.sizes if bias == 1.0 else self.sizes.pow(bias)), self.lengths_dev, False
         lengths = None if self._uniform else self.lengths_dev
-        return self.sizes[:, :, :self._max_len], lengths, not self._clustered_any
+        sizes = self.sizes[:, :, :self._max_len]
+        if bias != 1.0 and self._clustered_any:  # sizes of 0 and 1 are their own powers
+            sizes = sizes.pow(bias)  # attention adds log(size ** bias); merges keep the true sizes
+        return sizes, lengths, not self._clustered_any
 
     def mark_sliding(self, window: int) -> None:
         self.sliding_window, self.is_sliding = int(window), True

@@ -46,8 +46,9 @@ def _keep(region: Region, index: Tensor) -> Result:
 
 @dataclass
 class Method:
-    # attention adds log(size) for this method's slots; keyword-only so subclasses' fields come first
-    size_bias: bool = field(default=True, kw_only=True)
+    # attention adds size_bias * log(size) for this method's slots (1 = SPEC.md, 0 = no bias, between:
+    # a tempered bias); keyword-only so subclasses' fields come first
+    size_bias: float = field(default=1.0, kw_only=True)
 
     def compress(self, region: Region) -> Result:
         raise NotImplementedError
@@ -63,7 +64,7 @@ class Clustering(Method):
     """Bipartite soft matching to the budget (SPEC.md; the paper-style policy by default:
     chunk 32, r = c/2 per pass, key cosine, alternating partition, log(size) bias).
     Ablations: chunk_size, num_merge (smaller r, more passes), partition "halves",
-    metric "keys+values", size_bias False."""
+    metric "keys+values", size_bias 0."""
     chunk_size: int = 32
     num_merge: Optional[int] = None
     partition: str = "alternating"
@@ -302,11 +303,17 @@ def product_query_agnostic() -> ProtectedClustering:
     return twin(Product.query_agnostic())
 
 
+def round7_agnostic(**changes) -> ProtectedClustering:
+    """query_agnostic() with SPEC.md's log(size) bias, as rounds 7 and 8 measured it; pinned, so
+    the `agnostic_*` names keep meaning what they measured."""
+    return replace(product_query_agnostic(), **{"size_bias": 1.0, **changes})
+
+
 METHODS = {
     "full": Full,
     # the paper-style policy and its ablations
     "paper": Clustering,
-    "paper_nobias": lambda: Clustering(size_bias=False),
+    "paper_nobias": lambda: Clustering(size_bias=0.0),
     "paper_halves": lambda: Clustering(partition="halves"),
     "paper_kv": lambda: Clustering(metric="keys+values"),
     "paper_r4": lambda: Clustering(num_merge=8),      # r = c/4 per pass, more passes
@@ -347,15 +354,20 @@ METHODS = {
     "default_normkeep": lambda: round3_default(NormKeepingClustering),
     # query-agnostic rankings (round 7): surprisal spread forward from its cue; runs of unpredictable
     # tokens (agnostic_run7 ranks as the preset since round 7; protected90_s100 as it did in round 6)
-    "agnostic_cue": lambda: replace(product_query_agnostic(), info_run=1, info_span=(0, 12)),
-    "agnostic_run7": lambda: replace(product_query_agnostic(), info_run=7, info_span=(10, 4)),
+    "agnostic_cue": lambda: round7_agnostic(info_run=1, info_span=(0, 12)),
+    "agnostic_run7": lambda: round7_agnostic(info_run=7, info_span=(10, 4)),
     "default_run7": lambda: round3_default(info_run=7, info_span=(10, 4)),
     "surprisal_run7": lambda: SnapKV(info_share=1.0, info_run=7, info_span=(10, 4)),
     # the window and runs of seven sharing the protected slots (round 7; default_s70_run7 = the default since)
     "default_s50_run7": lambda: round3_default(info_share=0.5, info_run=7, info_span=(10, 4)),
     "default_s70_run7": lambda: round3_default(info_share=0.7, info_run=7, info_span=(10, 4)),
-    "agnostic_run7_p95": lambda: replace(product_query_agnostic(), protect_fraction=0.95),
-    "agnostic_run7_nobias": lambda: replace(product_query_agnostic(), size_bias=False),  # log(size) off
+    "agnostic_run7_p95": lambda: round7_agnostic(protect_fraction=0.95),
+    "agnostic_run7_nobias": lambda: round7_agnostic(size_bias=0.0),  # log(size) off
+    # a tempered size bias (round 8): attention adds size_bias * log(size)
+    "agnostic_b50": lambda: round7_agnostic(size_bias=0.5),
+    "agnostic_b25": lambda: round7_agnostic(size_bias=0.25),
+    "default_b50": lambda: replace(product_default(), size_bias=0.5),
+    "default_b25": lambda: replace(product_default(), size_bias=0.25),
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),
@@ -369,7 +381,7 @@ METHODS = {
     "protected90_w50": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, wide_share=0.5, taper=0.0),
     "protected90_t25": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, taper=0.25),  # window only
     "protected90_s100": lambda: ProtectedClustering(protect_fraction=0.9, pool=31, info_share=1.0),
-    "protected90_nobias": lambda: ProtectedClustering(protect_fraction=0.9, size_bias=False),
+    "protected90_nobias": lambda: ProtectedClustering(protect_fraction=0.9, size_bias=0.0),
     "absorb_p50": lambda: AbsorbEvicted(protect_fraction=0.5),
     "absorb_p90": lambda: AbsorbEvicted(protect_fraction=0.9),
 }

@@ -33,40 +33,45 @@ def _fmt(mean: float, half: float, digits: int) -> str:
 def summarize(records: list[dict]) -> dict:
     """cells[(setting, task, length, method, ratio)] = (mean, half, n) of the score (or KL),
     plus the task average per (setting, method, ratio) as a fraction of the full cache."""
-    groups = defaultdict(list)
+    groups = defaultdict(dict)  # cell -> {sample: value}
     for r in records:
         value = r["kl"] if r["setting"] == "prose" else r["score"]
-        groups[(r["setting"], r["task"], r["length"], r["method"], r["ratio"])].append(value)
-    cells = {k: mean_ci(v) for k, v in groups.items()}
-    # Task average relative to full: mean over (task, length) cells of method / full.
+        groups[(r["setting"], r["task"], r["length"], r["method"], r["ratio"])][r["sample"]] = value
+    cells = {k: mean_ci(list(v.values())) for k, v in groups.items()}
+    # Task average relative to full: mean over (task, length) cells of method / full, full taken
+    # over the method's own samples (pooled runs need not all hold the same ones).
     rel = defaultdict(list)
-    for (setting, task, length, method, ratio), (mean, _, _) in cells.items():
-        if setting == "prose":
+    for (setting, task, length, method, ratio), values in groups.items():
+        full = groups.get((setting, task, length, "full", 0.0), {})
+        if setting == "prose" or not full:
             continue
-        full = cells.get((setting, task, length, "full", 0.0))
-        if full and full[0] > 0:
-            rel[(setting, method, ratio)].append(mean / full[0])
+        shared = [s for s in values if s in full]
+        full_mean = sum(full[s] for s in shared) / len(shared) if shared else 0.0
+        if full_mean > 0:
+            rel[(setting, method, ratio)].append(sum(values[s] for s in shared) / len(shared) / full_mean)
     average = {k: sum(v) / len(v) for k, v in rel.items()}
     return {"cells": cells, "relative": average}
 
 
-def dividend(records: list[dict]) -> list[dict]:
-    """Each method against its eviction control (<method>+evict), paired over the same samples,
-    per (setting, length, method, ratio). Prose: mean KL of both, the dividend 1 - KL / KL_control
-    and the texts on which the method's KL is lower (and higher). Questions: mean score of both over every task,
-    the dividend as the mean paired difference (with its 95% interval) and the samples it wins (and loses)."""
+def paired(records: list[dict], baseline_of) -> list[dict]:
+    """Each method against the baseline `baseline_of(method)` names (None: no baseline), paired
+    over the same samples, per (setting, length, method, ratio). Prose: mean KL of both, the
+    relative gain 1 - KL / KL_baseline and the texts on which the method's KL is lower (and
+    higher). Questions: mean score of both over every task, the mean paired difference (with its
+    95% interval) and the samples it wins (and loses)."""
     index = {(r["setting"], r["task"], r["length"], r["sample"], r["method"], r["ratio"]): r for r in records}
     pairs = defaultdict(list)
     for (setting, task, length, sample, method, ratio), r in index.items():
-        control = index.get((setting, task, length, sample, method + CONTROL, ratio))
-        if control is not None:
+        baseline = baseline_of(method)
+        other = None if baseline is None else index.get((setting, task, length, sample, baseline, ratio))
+        if other is not None:
             field = "kl" if setting == "prose" else "score"
-            pairs[(setting, length, method, ratio)].append((r[field], control[field]))
+            pairs[(setting, length, method, baseline, ratio)].append((r[field], other[field]))
     rows = []
-    for (setting, length, method, ratio), values in sorted(pairs.items()):
-        ours, control = [v[0] for v in values], [v[1] for v in values]
-        row = dict(setting=setting, length=length, method=method, ratio=ratio, n=len(values),
-                   value=sum(ours) / len(ours), control=sum(control) / len(control))
+    for (setting, length, method, baseline, ratio), values in sorted(pairs.items()):
+        ours, theirs = [v[0] for v in values], [v[1] for v in values]
+        row = dict(setting=setting, length=length, method=method, baseline=baseline, ratio=ratio,
+                   n=len(values), value=sum(ours) / len(ours), control=sum(theirs) / len(theirs))
         if setting == "prose":  # lower is better
             row["dividend"] = 1.0 - row["value"] / row["control"] if row["control"] > 0 else 0.0
             row["better"], row["worse"] = sum(o < c for o, c in values), sum(o > c for o, c in values)
@@ -77,6 +82,22 @@ def dividend(records: list[dict]) -> list[dict]:
     return rows
 
 
+def dividend(records: list[dict]) -> list[dict]:
+    """Each method against its eviction control (<method>+evict): the centroid dividend (paired)."""
+    return paired(records, lambda method: method + CONTROL)
+
+
+def _cells(r: dict) -> str:
+    """The method's value, the baseline's, the gain and the samples won / lost, as table cells."""
+    if r["setting"] == "prose":
+        d = r["dividend"]
+        gain = f"{100 * d:+.0f}% less KL" if d >= 0 else f"{-100 * d:+.0f}% more KL"
+        values = f"KL {r['value']:.4f} | KL {r['control']:.4f}"
+    else:
+        values, gain = f"{r['value']:.2f} | {r['control']:.2f}", f"{r['dividend']:+.2f} ± {r['half']:.2f}"
+    return f"{values} | {gain} | {r['better']} / {r['worse']} |"
+
+
 def dividend_markdown(rows: list[dict]) -> list[str]:
     if not rows:
         return []
@@ -84,14 +105,19 @@ def dividend_markdown(rows: list[dict]) -> list[str]:
              "ranking, every slot an exact token)", "",
              "| setting | length | method | ratio | n | method | control | dividend | better / worse on |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["setting"] == "prose":
-            values, gain = f"KL {r['value']:.4f} | KL {r['control']:.4f}", f"{100 * r['dividend']:+.0f}% less KL"
-        else:
-            values = f"{r['value']:.2f} | {r['control']:.2f}"
-            gain = f"{r['dividend']:+.2f} ± {r['half']:.2f}"
-        lines.append(f"| {r['setting']} | {r['length']} | {r['method']} | {r['ratio']:g} | {r['n']} | {values} | "
-                     f"{gain} | {r['better']} / {r['worse']} |")
+    lines += [f"| {r['setting']} | {r['length']} | {r['method']} | {r['ratio']:g} | {r['n']} | {_cells(r)}"
+              for r in rows]
+    return lines + [""]
+
+
+def comparison_markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["## paired comparisons: method against baseline over the same samples", "",
+             "| setting | length | method | baseline | ratio | n | method | baseline | gain | better / worse on |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['length']} | {r['method']} | {r['baseline']} | {r['ratio']:g} | {r['n']} | "
+              f"{_cells(r)}" for r in rows]
     return lines + [""]
 
 

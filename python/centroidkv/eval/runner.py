@@ -133,8 +133,8 @@ def compress_cache(kv, window: dict, totals: dict, method, budget: Budget, seed:
         ones = torch.ones(1, k.shape[1], 1, device=k.device)
         out.append((torch.cat([k[:, :, :lo], ck.to(k.dtype), k[:, :, hi:]], 2),
                     torch.cat([v[:, :, :lo], cv.to(v.dtype), v[:, :, hi:]], 2)))
-        if method.size_bias:
-            sizes[layer] = torch.cat([ones.expand(-1, -1, lo), cs.to(k.device).float(),
+        if method.size_bias:  # attention adds log(size ** size_bias) = size_bias * log(size)
+            sizes[layer] = torch.cat([ones.expand(-1, -1, lo), cs.to(k.device).float() ** method.size_bias,
                                       ones.expand(-1, -1, k.shape[2] - hi)], 2)
     return out, sizes
 

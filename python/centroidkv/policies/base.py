@@ -83,6 +83,10 @@ class Policy(ABC):
     # over (the tokens' surprisal, CentroidKVCache.observe_tokens); its forward is clustered only
     # then. A plain forward clusters at once, with info all zero.
     token_scores: ClassVar[bool] = False
+    # Attention adds size_bias * log(size) to a slot's logit: 1 is SPEC.md's proportional
+    # attention; below 1 a cluster counts for fewer tokens than it holds (merges still use the
+    # true sizes). A dataclass policy may make it a field (ProtectedClustering does).
+    size_bias: ClassVar[float] = 1.0
 
     def block_size(self, ratio: float, chunk_size: int) -> int:
         """Tokens handed over at a time: the smallest run whose passes all see whole chunks."""
