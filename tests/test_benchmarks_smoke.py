@@ -218,6 +218,18 @@ def test_needle_coverage_tiny(tmp_path):
 
 
 
+def test_window_coverage_tiny(tmp_path):
+    """Coverage shares lie in [0, 1] for both settings; the window's focus is at least that of a
+    flat window (peak share times length >= 1, top 2% of tokens >= 2% of the attention)."""
+    table = run_script("window_coverage.py", tmp_path=tmp_path)
+    for setting in ("question after", "question in prompt"):
+        for ratio in (0.5, 0.75):
+            cell = {k.split("/")[2]: v for k, v in table.items() if k.startswith(f"{setting}/{ratio}/")}
+            assert cell["focus: peak"] >= 1.0 - 1e-5 and cell["focus: top 2%"] >= 0.02 - 1e-6
+            shares = [v for k, v in cell.items() if not k.startswith("focus")]
+            assert len(shares) == 6 and all(0.0 <= v <= 1.0 for v in shares)
+
+
 def test_needle_coverage_preset_row_is_the_run_candidate():
     import needle_coverage
 

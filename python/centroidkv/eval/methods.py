@@ -368,6 +368,10 @@ METHODS = {
     "agnostic_b25": lambda: round7_agnostic(size_bias=0.25),
     "default_b50": lambda: replace(product_default(), size_bias=0.5),
     "default_b25": lambda: replace(product_default(), size_bias=0.25),
+    # the centroids' share of the round-7 default's budget, and merges per pass (round 9)
+    "default_p80": lambda: round3_default(info_share=0.7, info_run=7, info_span=(10, 4), protect_fraction=0.8),
+    "default_p70": lambda: round3_default(info_share=0.7, info_run=7, info_span=(10, 4), protect_fraction=0.7),
+    "default_r4": lambda: round3_default(info_share=0.7, info_run=7, info_span=(10, 4), num_merge=4),
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),
