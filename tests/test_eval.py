@@ -29,7 +29,8 @@ def _region(m=256, heads=3, budget=96, seed=0):
     return E.Region(torch.randn(1, heads, m, 16, generator=g), torch.randn(1, heads, m, 8, generator=g),
                     torch.rand(1, heads, m, generator=g), torch.rand(1, heads, m, generator=g), budget,
                     torch.Generator().manual_seed(1), 3 * torch.rand(1, 1, m, generator=g),
-                    {"sum": torch.rand(1, heads, m, generator=g), "max": torch.rand(1, heads, m, generator=g)})
+                    {"sum": torch.rand(1, heads, m, generator=g), "max": torch.rand(1, heads, m, generator=g)},
+                    0.3 * torch.randn(1, 2 * heads, 40, 16, generator=g))
 
 
 def test_surprisal_is_the_next_token_loss():
@@ -121,6 +122,30 @@ def test_evaluation_attention_matches_sdpa_and_log_size_bias():
     a = M.forward(lm, [7], M.cache_from(dup, lm.model.config), 40)
     b = M.forward(lm, [7], M.cache_from(kv, lm.model.config), 40, sizes=sizes)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_recorded_probe_queries_reproduce_the_attention_rows():
+    from centroidkv.eval import model as M
+    lm = M.load_model("random-llama")
+    cache = M.cache_from([], lm.model.config)
+    M.forward(lm, torch.randint(0, 1000, (40,)).tolist(), cache, 0, record=True)
+    group = lm.model.config.num_attention_heads // lm.model.config.num_key_value_heads
+    for layer, (keys, _) in enumerate(M.kv_of(cache)):
+        probes = lm.state.queries[layer]  # the last 256 queries: all 40, position 39 last
+        assert probes.shape[2] == 40
+        logits = probes[0, :, -1:] @ keys.repeat_interleave(group, 1)[0].transpose(-1, -2)  # [Hq, 1, 40]
+        torch.testing.assert_close(torch.softmax(logits[:, 0], -1), lm.state.window_rows[layer][0, :, -1],
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_fitted_values_run_through_the_harness(tmp_path):
+    from centroidkv.eval.cli import main
+    assert main(["--model", "random-llama", "--tasks", "passkey,prose", "--lengths", "256", "--samples", "1",
+                 "--prose-samples", "1", "--prose-continuation", "16", "--methods", "full,default_fit",
+                 "--dividend", "--out", str(tmp_path), "--no-progress"]) == 0
+    records = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert {r["method"] for r in records} == {"full", "default_fit", "default_fit+evict"}
+    assert all(math.isfinite(r["kl"]) for r in records if r["setting"] == "prose")
 
 
 def test_quick_run_structure(tmp_path):
@@ -364,6 +389,42 @@ def test_cluster_keeping_key_norms_gives_each_centroid_its_members_mean_norm():
     torch.testing.assert_close(ck.norm(dim=-1, keepdim=True), mean_norm)
     torch.testing.assert_close(cs.sum(-1), sizes.sum(-1))
     torch.testing.assert_close((cv * cs[..., None]).sum(2), (values * sizes[..., None]).sum(2))
+
+
+def _probe_error(region, keys, values, sizes):
+    """Mean squared gap between the full region's and the slots' attention numerators (relative to
+    the full region's mass) over the region's probe queries: what fit_centroid_values minimises."""
+    probes = region.queries.reshape(1, region.keys.shape[1], -1, region.keys.shape[-1])
+    full = probes @ region.keys.transpose(-1, -2)
+    shift = full.amax(-1, keepdim=True)
+    mass = (full - shift).exp().sum(-1, keepdim=True)
+    target = (full - shift).exp() @ region.values / mass
+    weights = (probes @ keys.transpose(-1, -2) + sizes.log()[:, :, None] - shift).exp() / mass
+    return float(((weights @ values - target) ** 2).mean())
+
+
+def test_fitted_values_change_only_the_centroids_values_and_fit_the_probes_better():
+    region = _region(seed=4)
+    keys, values, sizes = E.make_method("default_fit_r01").compress(region)
+    ref_keys, ref_values, ref_sizes, kept = E.product_default().protect_and_cluster(region)
+    exact = kept.shape[-1]
+    assert torch.equal(keys, ref_keys) and torch.equal(sizes, ref_sizes)
+    assert torch.equal(values[..., :exact, :], ref_values[..., :exact, :])  # exact tokens stay exact
+    assert not torch.allclose(values[..., exact:, :], ref_values[..., exact:, :])
+    assert _probe_error(region, keys, values, sizes) < 0.9 * _probe_error(region, ref_keys, ref_values, ref_sizes)
+
+
+def test_fitted_values_reduce_to_the_mean_values_under_a_large_ridge_and_check_their_input():
+    from centroidkv.eval.fitted_values import fit_centroid_values
+    region = _region(seed=5)
+    keys, values, sizes, kept = E.product_default().protect_and_cluster(region)
+    fitted = fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, kept.shape[-1],
+                                 ridge=1e7)
+    torch.testing.assert_close(fitted, values, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="query heads"):
+        fit_centroid_values(region.queries[:, :5], region.keys, region.values, keys, values, sizes, kept.shape[-1])
+    with pytest.raises(ValueError, match="probe queries"):
+        E.make_method("default_fit").compress(E.Region(**{**vars(region), "queries": None}))
 
 
 def test_agnostic_is_the_product_preset_and_ranks_as_protected90_s100_by_runs():

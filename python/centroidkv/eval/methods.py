@@ -33,6 +33,8 @@ class Region:
     surprisal: Optional[Tensor] = None  # [1, 1, M] -log p(token | prefix) under the model, nats
     # {"sum" | "max": [1, H, M]} attention while the model repeats the context (reconstruction_scores)
     reconstruction: Optional[dict] = None
+    # [1, Hq, N, D] the context's own queries, scaled, after rotary (AttentionState.queries)
+    queries: Optional[Tensor] = None
 
 
 Result = tuple[Tensor, Tensor, Tensor]  # keys, values, sizes of the `budget` slots
@@ -194,10 +196,14 @@ class ProtectedClustering(Method):
         return _reconstruction(region, "max" if self.scores == "reconstruction_max" else "sum")
 
     def compress(self, region):
+        return self.protect_and_cluster(region)[:3]
+
+    def protect_and_cluster(self, region: Region) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """keys, values, sizes of the slots and the protected tokens' indices (protect_and_cluster)."""
         return protect_and_cluster(region.keys, region.values, None, self.attention(region), region.budget,
                                    self.protect_fraction, self.chunk_size, self.num_merge, self.pool,
                                    region.surprisal, self.info_share, self.info_span, self.taper,
-                                   self.wide_share, self.cluster_rest, self.info_run)[:3]
+                                   self.wide_share, self.cluster_rest, self.info_run)
 
     def ranking(self, region: Region, protect: int) -> Tensor:
         """Scores whose top `protect` are the tokens compress keeps exact when it protects that many."""
@@ -309,6 +315,13 @@ def round7_agnostic(**changes) -> ProtectedClustering:
     return replace(product_query_agnostic(), **{"size_bias": 1.0, **changes})
 
 
+def fitted(policy, **changes) -> ProtectedClustering:
+    """`policy()` (a harness ProtectedClustering) with its centroid values fitted by least squares."""
+    from .fitted_values import FittedValueClustering  # it builds on this module's ProtectedClustering
+    return FittedValueClustering(**{f.name: getattr(policy(), f.name) for f in fields(ProtectedClustering)},
+                                 **changes)
+
+
 METHODS = {
     "full": Full,
     # the paper-style policy and its ablations
@@ -372,6 +385,13 @@ METHODS = {
     "default_p80": lambda: round3_default(info_share=0.7, info_run=7, info_span=(10, 4), protect_fraction=0.8),
     "default_p70": lambda: round3_default(info_share=0.7, info_run=7, info_span=(10, 4), protect_fraction=0.7),
     "default_r4": lambda: round3_default(info_share=0.7, info_run=7, info_span=(10, 4), num_merge=4),
+    # the window's share of the exact slots halved (round 9: window_coverage.py keeps more needles)
+    "default_s85": lambda: round3_default(info_share=0.85, info_run=7, info_span=(10, 4)),
+    # centroid values fitted by least squares to the context's own queries (round 10; fitted_values.py)
+    "default_fit": lambda: fitted(product_default),
+    "default_fit_r1": lambda: fitted(product_default, ridge=1.0),
+    "default_fit_r01": lambda: fitted(product_default, ridge=0.01),
+    "agnostic_fit": lambda: fitted(product_query_agnostic),
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),

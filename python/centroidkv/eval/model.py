@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..cache import cache_argument
 from . import data
 
 ATTENTION_NAME = "centroidkv_eval"
@@ -35,6 +36,10 @@ class AttentionState:
     window_rows: dict = field(default_factory=dict)  # layer -> [B, Hq, <=W, L] weights of the last queries
     totals: dict = field(default_factory=dict)    # layer -> [B, Hq, L] attention summed over queries
     peaks: dict = field(default_factory=dict)     # layer -> [B, Hq, L] largest attention any query paid
+    # layer -> [B, Hq, <=probes, D] the call's last queries, scaled, after rotary (the probes a
+    # least-squares merge fits its centroids to)
+    queries: dict = field(default_factory=dict)
+    probes: int = 256
 
 
 def _attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling: float,
@@ -78,6 +83,7 @@ def _attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask
             if first_window_row < stop:
                 rows.append(weights[:, :, first_window_row - start:])
     if state.record:  # this call's last min(W, Tq) query rows
+        state.queries[layer] = query[:, :, -state.probes:].float() * scaling
         state.totals[layer] = total
         state.peaks[layer] = peak
         state.window_rows[layer] = torch.cat(rows, dim=2)
@@ -190,7 +196,8 @@ def forward(loaded: LoadedModel, ids: list[int], cache, start_position: int, rec
     device = next(loaded.model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     positions = torch.arange(start_position, start_position + len(ids), device=device)[None]
-    out = loaded.model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True,
-                       logits_to_keep=1 if last_only else 0)
+    cache_kw = {cache_argument(loaded.model): cache}  # `cache` from transformers 5.24, earlier `past_key_values`
+    out = loaded.model(input_ids=input_ids, position_ids=positions, use_cache=True,
+                       logits_to_keep=1 if last_only else 0, **cache_kw)
     state.record = False
     return out.logits[0].float()

@@ -108,12 +108,20 @@ def reconstruction_scores(lm: M.LoadedModel, kv, ids: list[int]) -> dict:
             "max": {i: _group_max(lm.state.peaks[i][..., :len(ids)], kv_heads) for i in layers}}
 
 
+def _after(queries: Tensor, count: int) -> Tensor:
+    """The last `count` (at least 0) of [B, H, N, D] queries."""
+    return queries[:, :, queries.shape[2] - min(max(count, 0), queries.shape[2]):]
+
+
 def compress_cache(kv, window: dict, totals: dict, method, budget: Budget, seed: int,
-                   info: Optional[Tensor] = None, reconstruction: Optional[dict] = None):
+                   info: Optional[Tensor] = None, reconstruction: Optional[dict] = None,
+                   queries: Optional[dict] = None, queries_end: int = 0):
     """Per-layer (keys, values) -> compressed (keys, values) and sizes {layer: [1, H, Lc]}.
     Only the layers that have scores (window and totals, keyed by layer) are compressed; the
     others (sliding-window layers) are passed through unchanged. `info`: surprisal per token;
-    `reconstruction`: reconstruction_scores, for the methods that need them."""
+    `reconstruction`: reconstruction_scores, for the methods that need them; `queries`: the
+    context's last queries per layer (AttentionState.queries), the last at position queries_end - 1;
+    a region gets those after it, which see all of it."""
     if isinstance(method, Full) or budget.middle == 0:
         return kv, {}
     out, sizes = [], {}
@@ -127,7 +135,8 @@ def compress_cache(kv, window: dict, totals: dict, method, budget: Budget, seed:
                         totals[layer][..., lo:hi].cpu(), budget.kept, gen,
                         None if info is None else info[lo:hi].view(1, 1, -1),
                         None if reconstruction is None else
-                        {kind: scores[layer][..., lo:hi].cpu() for kind, scores in reconstruction.items()})
+                        {kind: scores[layer][..., lo:hi].cpu() for kind, scores in reconstruction.items()},
+                        None if queries is None else _after(queries[layer], queries_end - hi).cpu())
         ck, cv, cs = method.compress(region)
         assert ck.shape[2] == budget.kept, (type(method).__name__, ck.shape, budget.kept)
         ones = torch.ones(1, k.shape[1], 1, device=k.device)
@@ -197,6 +206,7 @@ def run_sample(lm: M.LoadedModel, cfg: Config, sample: Sample, methods: dict, wr
     kv_ctx = M.kv_of(cache)
     rows_ctx = dict(state.window_rows)
     totals_ctx = dict(state.totals)
+    queries_ctx = dict(state.queries)  # the context's own queries: probes that know no question
     layers = M.compressible_layers(lm.model.config)
     base = {"task": sample.task, "length": sample.length, "sample": sample.index,
             "answers": sample.answers, "context_tokens": len(ctx_ids)}
@@ -229,7 +239,7 @@ def run_sample(lm: M.LoadedModel, cfg: Config, sample: Sample, methods: dict, wr
                 answer = full_answer  # the full cache gives the same answer in both settings
             else:
                 ckv, sizes = compress_cache(kv, window, totals, method, budget, cfg.seed + sample.index, info,
-                                            rebuilt)
+                                            rebuilt, queries_ctx, len(ctx_ids))
                 answer = generate(lm, ckv, sizes, feed, p, sample)
             if isinstance(method, Full):
                 full_answer = answer
@@ -250,6 +260,7 @@ def run_prose(lm: M.LoadedModel, cfg: Config, length: int, index: int, ids: list
     layers = M.compressible_layers(lm.model.config)
     window = {i: _window_scores(state.window_rows[i], kv_heads) for i in layers}
     totals = {i: _group_sum(state.totals[i], kv_heads) for i in layers}
+    queries = dict(state.queries)
     cont = ids[prefix_len:]
     targets = torch.tensor(cont[1:])
     full_logp, rebuilt = None, None
@@ -258,7 +269,8 @@ def run_prose(lm: M.LoadedModel, cfg: Config, length: int, index: int, ids: list
         budget = split_budget(prefix_len, ratio, cfg.sink, cfg.min_tail)
         if rebuilt is None and needs_reconstruction(method):
             rebuilt = reconstruction_scores(lm, kv, ids[:prefix_len])
-        ckv, sizes = compress_cache(kv, window, totals, method, budget, cfg.seed + index, info, rebuilt)
+        ckv, sizes = compress_cache(kv, window, totals, method, budget, cfg.seed + index, info, rebuilt, queries,
+                                    prefix_len)
         logits = M.forward(lm, cont[:-1], M.cache_from(ckv, lm.model.config), prefix_len, sizes=sizes)
         logp = torch.log_softmax(logits, -1)
         if full_logp is None:

@@ -1,0 +1,69 @@
+"""Centroid values fitted by least squares to what the context's own queries read (a merge-rule
+candidate for issue 16's centroid dividend, evaluation only; in the spirit of output-preserving
+merges such as KeepKV and least-squares ones such as GRKV).
+
+SPEC.md's centroid value is its members' size-weighted mean. Here the keys, sizes and exact
+tokens stay as the policy chose them; only the centroids' values change, to the ridge
+least-squares solution that makes the compressed region give, for each probe query, the
+attention numerator the full region gives (sum_i exp(q.k_i) v_i, relative to the full region's
+mass), with the mean values as the ridge's prior. The probes are the context's own queries after
+the region (its exact tail: they see all of the region, as later queries will), so the fit knows
+no question. (Round 10 first probed with queries from inside the region, which never see the keys
+after them; fitting to that attention raised prose KL 2.3x.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..reference import EPS
+from .methods import ProtectedClustering, Region
+
+
+def fit_centroid_values(queries: Tensor, keys: Tensor, values: Tensor, slot_keys: Tensor, slot_values: Tensor,
+                        slot_sizes: Tensor, exact: int, size_bias: float = 1.0, ridge: float = 0.1) -> Tensor:
+    """slot_values with the centroid rows (slots exact.., after the `exact` exact tokens) refitted.
+
+    queries [1, Hq, N, D] (scaled, after rotary; Hq a multiple of H), keys / values [1, H, M, *]
+    the uncompressed region, slot_* [1, H, B, *] its compressed slots. `ridge` scales the pull
+    toward the mean values (relative to the mean diagonal of the normal equations)."""
+    heads = keys.shape[1]
+    if queries.shape[1] % heads:
+        raise ValueError(f"fit_centroid_values: {queries.shape[1]} query heads do not group into {heads} KV heads")
+    if slot_keys.shape[2] == exact or queries.shape[2] == 0:  # no centroid, or nothing to fit to
+        return slot_values
+    # every query head of a KV head's group probes it: [1, H, G * N, D]
+    probes = queries.float().reshape(1, heads, -1, queries.shape[-1])
+    full_logits = probes @ keys.float().transpose(-1, -2)
+    shift = full_logits.amax(-1, keepdim=True)
+    full = (full_logits - shift).exp()
+    mass = full.sum(-1, keepdim=True)
+    target = (full @ values.float()) / mass
+    slot_logits = probes @ slot_keys.float().transpose(-1, -2) + size_bias * slot_sizes.float().log()[:, :, None]
+    weights = (slot_logits - shift).exp() / mass            # [1, H, G * N, B]
+    exact_weights, centroid_weights = weights[..., :exact], weights[..., exact:]
+    residual = target - exact_weights @ slot_values[..., :exact, :].float()
+    prior = slot_values[..., exact:, :].float()
+    gram = centroid_weights.transpose(-1, -2) @ centroid_weights
+    lam = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] + EPS
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    fitted = torch.linalg.solve(gram + lam * eye, centroid_weights.transpose(-1, -2) @ residual + lam * prior)
+    return torch.cat([slot_values[..., :exact, :].float(), fitted], 2).to(slot_values.dtype)
+
+
+@dataclass
+class FittedValueClustering(ProtectedClustering):
+    """The product ranking and merges (ProtectedClustering), then the centroids' values refitted
+    by fit_centroid_values to the region's probe queries."""
+    ridge: float = 0.1
+
+    def compress(self, region: Region):
+        if region.queries is None:
+            raise ValueError("FittedValueClustering: the region carries no probe queries")
+        keys, values, sizes, kept = self.protect_and_cluster(region)
+        exact = 0 if kept is None else kept.shape[-1]
+        fitted = fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, exact,
+                                     self.size_bias, self.ridge)
+        return keys, fitted, sizes
