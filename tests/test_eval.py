@@ -391,27 +391,32 @@ def test_cluster_keeping_key_norms_gives_each_centroid_its_members_mean_norm():
     torch.testing.assert_close((cv * cs[..., None]).sum(2), (values * sizes[..., None]).sum(2))
 
 
-def _probe_error(region, keys, values, sizes):
-    """Mean squared gap between the full region's and the slots' attention numerators (relative to
-    the full region's mass) over the region's probe queries: what fit_centroid_values minimises."""
+def _probe_error(region, keys, values, sizes, match):
+    """Mean squared gap between the full region's and the slots' attention outputs (match "output")
+    or numerators relative to the full region's mass ("numerator") over the region's probe queries:
+    what fit_centroid_values minimises."""
     probes = region.queries.reshape(1, region.keys.shape[1], -1, region.keys.shape[-1])
-    full = probes @ region.keys.transpose(-1, -2)
-    shift = full.amax(-1, keepdim=True)
-    mass = (full - shift).exp().sum(-1, keepdim=True)
-    target = (full - shift).exp() @ region.values / mass
-    weights = (probes @ keys.transpose(-1, -2) + sizes.log()[:, :, None] - shift).exp() / mass
-    return float(((weights @ values - target) ** 2).mean())
+    full = torch.softmax(probes @ region.keys.transpose(-1, -2), -1)
+    slots = probes @ keys.transpose(-1, -2) + sizes.log()[:, :, None]
+    if match == "output":
+        weights = torch.softmax(slots, -1)
+    else:
+        weights = (slots - torch.logsumexp(probes @ region.keys.transpose(-1, -2), -1, keepdim=True)).exp()
+    return float(((weights @ values - full @ region.values) ** 2).mean())
 
 
-def test_fitted_values_change_only_the_centroids_values_and_fit_the_probes_better():
+@pytest.mark.parametrize("match", ["output", "numerator"])
+def test_fitted_values_change_only_the_centroids_values_and_fit_the_probes_better(match):
     region = _region(seed=4)
-    keys, values, sizes = E.make_method("default_fit_r01").compress(region)
+    keys, values, sizes = replace(E.make_method("default_fit_r01"), match=match).compress(region)
     ref_keys, ref_values, ref_sizes, kept = E.product_default().protect_and_cluster(region)
     exact = kept.shape[-1]
     assert torch.equal(keys, ref_keys) and torch.equal(sizes, ref_sizes)
     assert torch.equal(values[..., :exact, :], ref_values[..., :exact, :])  # exact tokens stay exact
     assert not torch.allclose(values[..., exact:, :], ref_values[..., exact:, :])
-    assert _probe_error(region, keys, values, sizes) < 0.9 * _probe_error(region, ref_keys, ref_values, ref_sizes)
+    fitted, mean = _probe_error(region, keys, values, sizes, match), _probe_error(region, ref_keys, ref_values,
+                                                                                 ref_sizes, match)
+    assert fitted < 0.9 * mean
 
 
 def test_fitted_values_reduce_to_the_mean_values_under_a_large_ridge_and_check_their_input():
@@ -421,6 +426,8 @@ def test_fitted_values_reduce_to_the_mean_values_under_a_large_ridge_and_check_t
     fitted = fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, kept.shape[-1],
                                  ridge=1e7)
     torch.testing.assert_close(fitted, values, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="match"):
+        fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, 0, match="nope")
     with pytest.raises(ValueError, match="query heads"):
         fit_centroid_values(region.queries[:, :5], region.keys, region.values, keys, values, sizes, kept.shape[-1])
     with pytest.raises(ValueError, match="probe queries"):

@@ -4,9 +4,11 @@ merges such as KeepKV and least-squares ones such as GRKV).
 
 SPEC.md's centroid value is its members' size-weighted mean. Here the keys, sizes and exact
 tokens stay as the policy chose them; only the centroids' values change, to the ridge
-least-squares solution that makes the compressed region give, for each probe query, the
-attention numerator the full region gives (sum_i exp(q.k_i) v_i, relative to the full region's
-mass), with the mean values as the ridge's prior. The probes are the context's own queries after
+least-squares solution that makes the compressed region give, for each probe query, the output
+the full region gives (its attention-weighted mean value, normalised over the region's own
+slots), with the mean values as the ridge's prior. match="numerator" fits the unnormalised
+numerator (sum_i exp(q.k_i) v_i, relative to the full region's mass) instead: where a centroid's
+logit undercounts its members' mass it inflates the values to make up for it. The probes are the context's own queries after
 the region (its exact tail: they see all of the region, as later queries will), so the fit knows
 no question. (Round 10 first probed with queries from inside the region, which never see the keys
 after them; fitting to that attention raised prose KL 2.3x.)
@@ -22,14 +24,20 @@ from ..reference import EPS
 from .methods import ProtectedClustering, Region
 
 
+MATCHES = ("output", "numerator")
+
+
 def fit_centroid_values(queries: Tensor, keys: Tensor, values: Tensor, slot_keys: Tensor, slot_values: Tensor,
-                        slot_sizes: Tensor, exact: int, size_bias: float = 1.0, ridge: float = 0.1) -> Tensor:
+                        slot_sizes: Tensor, exact: int, size_bias: float = 1.0, ridge: float = 0.1,
+                        match: str = "output") -> Tensor:
     """slot_values with the centroid rows (slots exact.., after the `exact` exact tokens) refitted.
 
     queries [1, Hq, N, D] (scaled, after rotary; Hq a multiple of H), keys / values [1, H, M, *]
     the uncompressed region, slot_* [1, H, B, *] its compressed slots. `ridge` scales the pull
     toward the mean values (relative to the mean diagonal of the normal equations)."""
     heads = keys.shape[1]
+    if match not in MATCHES:
+        raise ValueError(f"fit_centroid_values: match must be one of {MATCHES}, got {match!r}")
     if queries.shape[1] % heads:
         raise ValueError(f"fit_centroid_values: {queries.shape[1]} query heads do not group into {heads} KV heads")
     if slot_keys.shape[2] == exact or queries.shape[2] == 0:  # no centroid, or nothing to fit to
@@ -42,7 +50,8 @@ def fit_centroid_values(queries: Tensor, keys: Tensor, values: Tensor, slot_keys
     mass = full.sum(-1, keepdim=True)
     target = (full @ values.float()) / mass
     slot_logits = probes @ slot_keys.float().transpose(-1, -2) + size_bias * slot_sizes.float().log()[:, :, None]
-    weights = (slot_logits - shift).exp() / mass            # [1, H, G * N, B]
+    weights = (slot_logits - shift).exp()                    # [1, H, G * N, B]
+    weights = weights / (mass if match == "numerator" else weights.sum(-1, keepdim=True))
     exact_weights, centroid_weights = weights[..., :exact], weights[..., exact:]
     residual = target - exact_weights @ slot_values[..., :exact, :].float()
     prior = slot_values[..., exact:, :].float()
@@ -58,6 +67,7 @@ class FittedValueClustering(ProtectedClustering):
     """The product ranking and merges (ProtectedClustering), then the centroids' values refitted
     by fit_centroid_values to the region's probe queries."""
     ridge: float = 0.1
+    match: str = "output"
 
     def compress(self, region: Region):
         if region.queries is None:
@@ -65,5 +75,5 @@ class FittedValueClustering(ProtectedClustering):
         keys, values, sizes, kept = self.protect_and_cluster(region)
         exact = 0 if kept is None else kept.shape[-1]
         fitted = fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, exact,
-                                     self.size_bias, self.ridge)
+                                     self.size_bias, self.ridge, self.match)
         return keys, fitted, sizes
