@@ -419,6 +419,26 @@ def test_fitted_values_change_only_the_centroids_values_and_fit_the_probes_bette
     assert fitted < 0.9 * mean
 
 
+def test_fitted_values_solve_the_normal_equations_with_many_centroids():
+    from centroidkv.eval.fitted_values import fit_centroid_values
+    g = torch.Generator().manual_seed(6)
+    keys, values = torch.randn(1, 3, 1920, 16, generator=g), torch.randn(1, 3, 1920, 8, generator=g)
+    slot_keys, slot_values = keys[:, :, ::2].clone(), values[:, :, ::2].clone()
+    sizes = torch.cat([torch.ones(1, 3, 768), torch.full((1, 3, 192), 6.0)], 2)
+    queries = 0.3 * torch.randn(1, 9, 124, 16, generator=g)
+    fitted = fit_centroid_values(queries, keys, values, slot_keys, slot_values, sizes, 768, ridge=0.1)
+    # normal equations (A'A + lam I) x = A'(target - exact part) + lam * prior, checked in float64
+    probes = queries.double().reshape(1, 3, -1, 16)
+    target = torch.softmax(probes @ keys.double().transpose(-1, -2), -1) @ values.double()
+    weights = torch.softmax(probes @ slot_keys.double().transpose(-1, -2) + sizes.double().log()[:, :, None], -1)
+    a, rest = weights[..., 768:], target - weights[..., :768] @ slot_values[..., :768, :].double()
+    gram = a.transpose(-1, -2) @ a
+    lam = 0.1 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    lhs = (gram + lam * torch.eye(192, dtype=torch.float64)) @ fitted[..., 768:, :].double()
+    torch.testing.assert_close(lhs, a.transpose(-1, -2) @ rest + lam * slot_values[..., 768:, :].double(),
+                               atol=1e-5, rtol=1e-3)
+
+
 def test_fitted_values_reduce_to_the_mean_values_under_a_large_ridge_and_check_their_input():
     from centroidkv.eval.fitted_values import fit_centroid_values
     region = _region(seed=5)
@@ -426,6 +446,10 @@ def test_fitted_values_reduce_to_the_mean_values_under_a_large_ridge_and_check_t
     fitted = fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, kept.shape[-1],
                                  ridge=1e7)
     torch.testing.assert_close(fitted, values, atol=1e-4, rtol=1e-4)
+    # centroid logits far above every full-region logit (long keys) stay finite
+    longer = torch.cat([keys[..., :kept.shape[-1], :], 50 * keys[..., kept.shape[-1]:, :]], 2)
+    assert torch.isfinite(fit_centroid_values(region.queries, region.keys, region.values, longer, values, sizes,
+                                              kept.shape[-1])).all()
     with pytest.raises(ValueError, match="match"):
         fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, 0, match="nope")
     with pytest.raises(ValueError, match="query heads"):

@@ -6,12 +6,11 @@ SPEC.md's centroid value is its members' size-weighted mean. Here the keys, size
 tokens stay as the policy chose them; only the centroids' values change, to the ridge
 least-squares solution that makes the compressed region give, for each probe query, the output
 the full region gives (its attention-weighted mean value, normalised over the region's own
-slots), with the mean values as the ridge's prior. match="numerator" fits the unnormalised
-numerator (sum_i exp(q.k_i) v_i, relative to the full region's mass) instead: where a centroid's
-logit undercounts its members' mass it inflates the values to make up for it. The probes are the context's own queries after
+slots), with the mean values as the ridge's prior. The probes are the context's own queries after
 the region (its exact tail: they see all of the region, as later queries will), so the fit knows
-no question. (Round 10 first probed with queries from inside the region, which never see the keys
-after them; fitting to that attention raised prose KL 2.3x.)
+no question. match="numerator" (an ablation) fits the unnormalised numerator (sum_i exp(q.k_i) v_i,
+relative to the full region's mass) instead: where a centroid's logit undercounts its members'
+mass it inflates the values to make up for it, and prose KL rose 2.3x (round 10).
 """
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..reference import EPS
-from .methods import ProtectedClustering, Region
+from .methods import ProtectedClustering, Region, cluster_keeping_key_norms
 
 
 MATCHES = ("output", "numerator")
@@ -45,20 +44,22 @@ def fit_centroid_values(queries: Tensor, keys: Tensor, values: Tensor, slot_keys
     # every query head of a KV head's group probes it: [1, H, G * N, D]
     probes = queries.float().reshape(1, heads, -1, queries.shape[-1])
     full_logits = probes @ keys.float().transpose(-1, -2)
-    shift = full_logits.amax(-1, keepdim=True)
-    full = (full_logits - shift).exp()
-    mass = full.sum(-1, keepdim=True)
-    target = (full @ values.float()) / mass
+    target = torch.softmax(full_logits, -1) @ values.float()
     slot_logits = probes @ slot_keys.float().transpose(-1, -2) + size_bias * slot_sizes.float().log()[:, :, None]
-    weights = (slot_logits - shift).exp()                    # [1, H, G * N, B]
-    weights = weights / (mass if match == "numerator" else weights.sum(-1, keepdim=True))
+    if match == "output":
+        weights = torch.softmax(slot_logits, -1)             # [1, H, G * N, B]
+    else:  # relative to the full region's mass
+        weights = (slot_logits - torch.logsumexp(full_logits, -1, keepdim=True)).exp()
     exact_weights, centroid_weights = weights[..., :exact], weights[..., exact:]
     residual = target - exact_weights @ slot_values[..., :exact, :].float()
     prior = slot_values[..., exact:, :].float()
     gram = centroid_weights.transpose(-1, -2) @ centroid_weights
     lam = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] + EPS
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    fitted = torch.linalg.solve(gram + lam * eye, centroid_weights.transpose(-1, -2) @ residual + lam * prior)
+    # gram + lam I is symmetric positive definite: Cholesky (torch.linalg.solve's batched LU fails
+    # inside MKL from about 192 centroids with the CPU build of torch 2.13)
+    factor = torch.linalg.cholesky(gram + lam * eye)
+    fitted = torch.cholesky_solve(centroid_weights.transpose(-1, -2) @ residual + lam * prior, factor)
     return torch.cat([slot_values[..., :exact, :].float(), fitted], 2).to(slot_values.dtype)
 
 
@@ -77,3 +78,10 @@ class FittedValueClustering(ProtectedClustering):
         fitted = fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, exact,
                                      self.size_bias, self.ridge, self.match)
         return keys, fitted, sizes
+
+
+@dataclass
+class FittedNormKeepingClustering(FittedValueClustering):
+    """FittedValueClustering whose centroid keys keep their members' mean norm
+    (cluster_keeping_key_norms): a centroid's logit then undercounts its members' mass less."""
+    cluster_rest = staticmethod(cluster_keeping_key_norms)

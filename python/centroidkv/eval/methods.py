@@ -315,11 +315,12 @@ def round7_agnostic(**changes) -> ProtectedClustering:
     return replace(product_query_agnostic(), **{"size_bias": 1.0, **changes})
 
 
-def fitted(policy, **changes) -> ProtectedClustering:
-    """`policy()` (a harness ProtectedClustering) with its centroid values fitted by least squares."""
-    from .fitted_values import FittedValueClustering  # it builds on this module's ProtectedClustering
-    return FittedValueClustering(**{f.name: getattr(policy(), f.name) for f in fields(ProtectedClustering)},
-                                 **changes)
+def fitted(policy, keep_norms: bool = False, **changes) -> ProtectedClustering:
+    """`policy()` (a harness ProtectedClustering) with its centroid values fitted by least squares
+    (and with keep_norms its centroid keys at their members' mean norm)."""
+    from . import fitted_values as fit  # it builds on this module's ProtectedClustering
+    kind = fit.FittedNormKeepingClustering if keep_norms else fit.FittedValueClustering
+    return kind(**{f.name: getattr(policy(), f.name) for f in fields(ProtectedClustering)}, **changes)
 
 
 METHODS = {
@@ -392,6 +393,7 @@ METHODS = {
     "default_fit_r1": lambda: fitted(product_default, ridge=1.0),
     "default_fit_r01": lambda: fitted(product_default, ridge=0.01),
     "default_fit_num": lambda: fitted(product_default, match="numerator"),
+    "default_fit_normkeep": lambda: fitted(product_default, keep_norms=True),
     "agnostic_fit": lambda: fitted(product_query_agnostic),
     "default_p80_fit": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.8)),
     "default_p70_fit": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.7)),
