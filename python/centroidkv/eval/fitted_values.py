@@ -14,13 +14,10 @@ mass it inflates the values to make up for it, and prose KL rose 2.3x (round 10)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from ..reference import EPS
-from .methods import ProtectedClustering, Region, cluster_keeping_key_norms
 
 
 MATCHES = ("output", "numerator")
@@ -61,27 +58,3 @@ def fit_centroid_values(queries: Tensor, keys: Tensor, values: Tensor, slot_keys
     factor = torch.linalg.cholesky(gram + lam * eye)
     fitted = torch.cholesky_solve(centroid_weights.transpose(-1, -2) @ residual + lam * prior, factor)
     return torch.cat([slot_values[..., :exact, :].float(), fitted], 2).to(slot_values.dtype)
-
-
-@dataclass
-class FittedValueClustering(ProtectedClustering):
-    """The product ranking and merges (ProtectedClustering), then the centroids' values refitted
-    by fit_centroid_values to the region's probe queries."""
-    ridge: float = 0.1
-    match: str = "output"
-
-    def compress(self, region: Region):
-        if region.queries is None:
-            raise ValueError("FittedValueClustering: the region carries no probe queries")
-        keys, values, sizes, kept = self.protect_and_cluster(region)
-        exact = 0 if kept is None else kept.shape[-1]
-        fitted = fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, exact,
-                                     self.size_bias, self.ridge, self.match)
-        return keys, fitted, sizes
-
-
-@dataclass
-class FittedNormKeepingClustering(FittedValueClustering):
-    """FittedValueClustering whose centroid keys keep their members' mean norm
-    (cluster_keeping_key_norms): a centroid's logit then undercounts its members' mass less."""
-    cluster_rest = staticmethod(cluster_keeping_key_norms)

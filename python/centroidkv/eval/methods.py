@@ -20,6 +20,7 @@ from ..policies.cluster_budget import PARTITIONS, cluster_to_budget
 from ..policies.protection import (absorb_evicted, protect_and_cluster, protected_count, protection_scores,
                          run_minimum, spread_scores, top_tokens, window_ranking)
 from ..reference import EPS
+from .fitted_values import fit_centroid_values
 
 
 @dataclass
@@ -268,6 +269,31 @@ class NormKeepingClustering(ProtectedClustering):
 
 
 @dataclass
+class FittedValueClustering(ProtectedClustering):
+    """The product ranking and merges (ProtectedClustering), then the centroids' values refitted
+    by fit_centroid_values (fitted_values.py) to the region's probe queries (a merge-rule candidate
+    for issue 16's centroid dividend; measured, results/eval/README.md round 10)."""
+    ridge: float = 0.1
+    match: str = "output"
+
+    def compress(self, region: Region):
+        if region.queries is None:
+            raise ValueError("FittedValueClustering: the region carries no probe queries")
+        keys, values, sizes, kept = self.protect_and_cluster(region)
+        exact = 0 if kept is None else kept.shape[-1]
+        fitted = fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, exact,
+                                     self.size_bias, self.ridge, self.match)
+        return keys, fitted, sizes
+
+
+@dataclass
+class FittedNormKeepingClustering(FittedValueClustering):
+    """FittedValueClustering whose centroid keys keep their members' mean norm
+    (cluster_keeping_key_norms): a centroid's logit then undercounts its members' mass less."""
+    cluster_rest = staticmethod(cluster_keeping_key_norms)
+
+
+@dataclass
 class AbsorbEvicted(Method):
     """SnapKV survivors; evicted tokens merged into their most key-similar survivor
     (centroidkv.policies.protection.absorb_evicted). protect_fraction 0 = the plain
@@ -318,8 +344,7 @@ def round7_agnostic(**changes) -> ProtectedClustering:
 def fitted(policy, keep_norms: bool = False, **changes) -> ProtectedClustering:
     """`policy()` (a harness ProtectedClustering) with its centroid values fitted by least squares
     (and with keep_norms its centroid keys at their members' mean norm)."""
-    from . import fitted_values as fit  # it builds on this module's ProtectedClustering
-    kind = fit.FittedNormKeepingClustering if keep_norms else fit.FittedValueClustering
+    kind = FittedNormKeepingClustering if keep_norms else FittedValueClustering
     return kind(**{f.name: getattr(policy(), f.name) for f in fields(ProtectedClustering)}, **changes)
 
 
