@@ -30,7 +30,8 @@ def fit_centroid_values(queries: Tensor, keys: Tensor, values: Tensor, slot_keys
 
     queries [1, Hq, N, D] (scaled, after rotary; Hq a multiple of H), keys / values [1, H, M, *]
     the uncompressed region, slot_* [1, H, B, *] its compressed slots. `ridge` scales the pull
-    toward the mean values (relative to the mean diagonal of the normal equations)."""
+    toward the mean values (relative to the mean diagonal of the normal equations). Logits are
+    not soft-capped (neither SmolLM2 nor Gemma-3 caps attention logits)."""
     heads = keys.shape[1]
     if match not in MATCHES:
         raise ValueError(f"fit_centroid_values: match must be one of {MATCHES}, got {match!r}")

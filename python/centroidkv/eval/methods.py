@@ -419,9 +419,7 @@ METHODS = {
     "default_fit_r01": lambda: fitted(product_default, ridge=0.01),
     "default_fit_num": lambda: fitted(product_default, match="numerator"),
     "default_fit_normkeep": lambda: fitted(product_default, keep_norms=True),
-    "agnostic_fit": lambda: fitted(product_query_agnostic),
     "default_p80_fit": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.8)),
-    "default_p70_fit": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.7)),
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),
