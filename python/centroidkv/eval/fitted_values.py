@@ -58,4 +58,4 @@ def fit_centroid_values(queries: Tensor, keys: Tensor, values: Tensor, slot_keys
     # inside MKL from about 192 centroids with the CPU build of torch 2.13)
     factor = torch.linalg.cholesky(gram + lam * eye)
     fitted = torch.cholesky_solve(centroid_weights.transpose(-1, -2) @ residual + lam * prior, factor)
-    return torch.cat([slot_values[..., :exact, :].float(), fitted], 2).to(slot_values.dtype)
+    return torch.cat([slot_values[..., :exact, :], fitted.to(slot_values.dtype)], 2)

@@ -344,8 +344,7 @@ def round7_agnostic(**changes) -> ProtectedClustering:
 def fitted(policy, keep_norms: bool = False, **changes) -> ProtectedClustering:
     """`policy()` (a harness ProtectedClustering) with its centroid values fitted by least squares
     (and with keep_norms its centroid keys at their members' mean norm)."""
-    kind = FittedNormKeepingClustering if keep_norms else FittedValueClustering
-    return kind(**{f.name: getattr(policy(), f.name) for f in fields(ProtectedClustering)}, **changes)
+    return replace(twin(policy(), FittedNormKeepingClustering if keep_norms else FittedValueClustering), **changes)
 
 
 METHODS = {

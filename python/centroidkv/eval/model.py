@@ -112,6 +112,11 @@ class LoadedModel:
     tokenizer: object
     state: AttentionState
     name: str
+    # the forward's cache keyword: `cache` from transformers 5.24, earlier `past_key_values`
+    cache_keyword: str = field(init=False)
+
+    def __post_init__(self):
+        self.cache_keyword = cache_argument(self.model)  # once: inspect.signature is not free per token
 
 
 def load_model(name: str = "smollm2", device: str = "cpu", window: int = 32) -> LoadedModel:
@@ -196,8 +201,7 @@ def forward(loaded: LoadedModel, ids: list[int], cache, start_position: int, rec
     device = next(loaded.model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     positions = torch.arange(start_position, start_position + len(ids), device=device)[None]
-    cache_kw = {cache_argument(loaded.model): cache}  # `cache` from transformers 5.24, earlier `past_key_values`
     out = loaded.model(input_ids=input_ids, position_ids=positions, use_cache=True,
-                       logits_to_keep=1 if last_only else 0, **cache_kw)
+                       logits_to_keep=1 if last_only else 0, **{loaded.cache_keyword: cache})
     state.record = False
     return out.logits[0].float()
