@@ -40,11 +40,17 @@ def test_surprisal_is_the_next_token_loss():
     torch.testing.assert_close(surprisal(logits, ids, first=1.5), torch.tensor(expected))
 
 
+FITS_MASSES = {name for name, make in E.METHODS.items() if isinstance(make(), E.MassFittedClustering)}
+
+
 @pytest.mark.parametrize("name", [n for n in E.METHODS if n != "full"])
 def test_every_method_fills_the_budget_and_conserves_size(name):
     region = _region()
     k, v, s = E.make_method(name).compress(region)
     assert k.shape == (1, 3, 96, 16) and v.shape == (1, 3, 96, 8) and s.shape == (1, 3, 96)
+    if name in FITS_MASSES:  # sizes refitted to attention mass by design (test_mass_fitted_*)
+        assert torch.isfinite(k).all() and torch.isfinite(v).all() and torch.isfinite(s).all() and (s > 0).all()
+        return
     assert torch.isfinite(k).all() and torch.isfinite(v).all() and (s >= 1).all()
     total = float(s.sum(-1).max())
     # merging methods keep every token's weight, eviction keeps exactly the budget
@@ -473,3 +479,65 @@ def test_agnostic_is_the_product_preset_and_ranks_as_protected90_s100_by_runs():
         torch.testing.assert_close(agnostic.ranking(region, protect), runs.ranking(region, protect))
         torch.testing.assert_close(agnostic.ranking(region, protect),
                                    E.make_method("agnostic_run7").ranking(region, protect))
+
+
+def _probe_masses(region, keys, sizes):
+    """Per probe: the region's total attention mass (relative to its largest logit) and the
+    slots' (with their size bias)."""
+    probes = region.queries.reshape(1, region.keys.shape[1], -1, region.keys.shape[-1])
+    full = probes @ region.keys.transpose(-1, -2)
+    shift = full.amax(-1, keepdim=True)
+    slots = probes @ keys.transpose(-1, -2) + sizes.log()[:, :, None]
+    return (full - shift).exp().sum(-1), (slots - shift).exp().sum(-1)
+
+
+def test_mass_fitted_sizes_restore_the_probes_attention_mass_and_change_nothing_else():
+    region = _region(seed=7)
+    keys, values, sizes = E.make_method("default_mass").compress(region)
+    ref_keys, ref_values, ref_sizes, kept = E.product_default().protect_and_cluster(region)
+    exact = kept.shape[-1]
+    assert torch.equal(keys, ref_keys) and torch.allclose(values, ref_values)
+    assert torch.equal(sizes[..., :exact], ref_sizes[..., :exact])
+    full, fitted = _probe_masses(region, keys, sizes)
+    _, plain = _probe_masses(region, ref_keys, ref_sizes)
+    # a mean key's logit undercounts its members' mass (log-mean-exp >= mean); the fit restores it
+    assert float((plain - full).mean()) < 0
+    assert float(((fitted - full) ** 2).mean()) < 0.5 * float(((plain - full) ** 2).mean())
+    # with values refitted too the keys and sizes stay those of the mass fit
+    k2, _, s2 = E.make_method("default_fitmass").compress(region)
+    assert torch.equal(k2, keys) and torch.allclose(s2, sizes)
+
+
+def test_merged_member_masses_keep_each_probes_total():
+    from centroidkv.eval.fitted_values import member_masses, probe_queries
+    region = _region(seed=8)
+    probes = probe_queries(region.queries, 3)
+    masses, _ = member_masses(probes, region.keys)
+    carried = replace(region, values=torch.cat([region.values, masses], -1))
+    _, values, sizes, kept = E.product_default().protect_and_cluster(carried)
+    exact = kept.shape[-1]
+    # size-weighted means keep sums: the centroids carry exactly the unprotected tokens' mass
+    protected = masses.gather(2, kept[..., None].expand(-1, -1, -1, masses.shape[-1])).sum(2)
+    carried_total = (values[..., exact:, 8:] * sizes[..., exact:, None]).sum(2)
+    torch.testing.assert_close(carried_total, masses.sum(2) - protected, atol=1e-4, rtol=1e-4)
+
+
+def test_fit_centroid_masses_closed_form_and_limits():
+    from centroidkv.eval.fitted_values import fit_centroid_masses
+    g = torch.Generator().manual_seed(9)
+    probes, keys = torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 3, 4, generator=g)
+    shift = torch.zeros(1, 2, 5, 1)
+    sizes, means = torch.tensor([[[2.0, 5.0, 9.0]] * 2]), torch.rand(1, 2, 3, 5, generator=g)
+    own = (keys @ probes.transpose(-1, -2)).exp()
+    expected = (own * means * sizes[..., None]).sum(-1) / (own * own).sum(-1)  # per-centroid least squares
+    torch.testing.assert_close(fit_centroid_masses(probes, shift, keys, sizes, means, ridge=0.0), expected)
+    torch.testing.assert_close(fit_centroid_masses(probes, shift, keys, sizes, means, ridge=1e9), sizes)
+    # the weight size ** size_bias is what is fitted
+    half = fit_centroid_masses(probes, shift, keys, sizes, means, size_bias=0.5, ridge=0.0)
+    torch.testing.assert_close(half ** 0.5, expected)
+    # centroids no probe sees (logits far below the region's largest) keep their sizes
+    torch.testing.assert_close(fit_centroid_masses(probes, shift + 200.0, keys, sizes, means), sizes)
+    with pytest.raises(ValueError, match="size_bias"):
+        fit_centroid_masses(probes, shift, keys, sizes, means, size_bias=0.0)
+    with pytest.raises(ValueError, match="probe queries"):
+        E.make_method("default_mass").compress(E.Region(**{**vars(_region()), "queries": None}))

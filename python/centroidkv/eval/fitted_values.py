@@ -11,6 +11,11 @@ the region (its exact tail: they see all of the region, as later queries will), 
 no question. match="numerator" (an ablation) fits the unnormalised numerator (sum_i exp(q.k_i) v_i,
 relative to the full region's mass) instead: where a centroid's logit undercounts its members'
 mass it inflates the values to make up for it, and prose KL rose 2.3x (round 10).
+
+fit_centroid_masses (round 11) fixes that undercount where it arises, in the sizes: a mean key's
+logit is below its members' log-mean-exp, so a centroid draws less attention than its members
+did. Each centroid's size becomes the effective size whose logit bias gives the probes its
+members' attention mass (in the spirit of attention-matching compaction's fitted biases).
 """
 from __future__ import annotations
 
@@ -21,6 +26,41 @@ from ..reference import EPS
 
 
 MATCHES = ("output", "numerator")
+
+
+def probe_queries(queries: Tensor, heads: int) -> Tensor:
+    """[1, Hq, N, D] queries -> [1, H, G * N, D]: every query head of a KV head's group probes it."""
+    if queries.shape[1] % heads:
+        raise ValueError(f"centroidkv.eval: {queries.shape[1]} query heads do not group into {heads} KV heads")
+    return queries.float().reshape(1, heads, -1, queries.shape[-1])
+
+
+def member_masses(probes: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Each token's attention mass for each probe, [1, H, M, P], relative to the probe's largest
+    logit over the region (returned, [1, H, P, 1], so that centroids are measured on the same scale).
+    Carried through the merges as extra value channels, a centroid's mean times its size is its
+    members' total mass."""
+    logits = probes @ keys.float().transpose(-1, -2)
+    shift = logits.amax(-1, keepdim=True)
+    return (logits - shift).exp().transpose(-1, -2), shift
+
+
+def fit_centroid_masses(probes: Tensor, shift: Tensor, centroid_keys: Tensor, centroid_sizes: Tensor,
+                        mean_masses: Tensor, size_bias: float = 1.0, ridge: float = 0.1) -> Tensor:
+    """Effective sizes [1, H, C] for centroids [1, H, C, D] whose members had these mean masses
+    [1, H, C, P] per probe (member_masses, merged): each centroid's weight w = size ** size_bias
+    is the least-squares fit of w * exp(q.k - shift) to its members' total mass over the probes,
+    pulled toward size ** size_bias by `ridge` (relative to the centroids' mean normal equation,
+    as in fit_centroid_values), so a centroid the probes hardly see keeps its size."""
+    if size_bias <= 0:
+        raise ValueError(f"fit_centroid_masses: size_bias must be > 0 (a weight to fit), got {size_bias}")
+    own = (centroid_keys.float() @ probes.transpose(-1, -2) - shift.transpose(-1, -2)).exp()  # [1, H, C, P]
+    target = mean_masses.float() * centroid_sizes.float()[..., None]
+    prior = centroid_sizes.float() ** size_bias
+    normal = (own * own).sum(-1)
+    lam = ridge * normal.mean(-1, keepdim=True) + EPS
+    weight = ((own * target).sum(-1) + lam * prior) / (normal + lam)
+    return weight.clamp_min(EPS) ** (1.0 / size_bias)
 
 
 def fit_centroid_values(queries: Tensor, keys: Tensor, values: Tensor, slot_keys: Tensor, slot_values: Tensor,
@@ -35,12 +75,9 @@ def fit_centroid_values(queries: Tensor, keys: Tensor, values: Tensor, slot_keys
     heads = keys.shape[1]
     if match not in MATCHES:
         raise ValueError(f"fit_centroid_values: match must be one of {MATCHES}, got {match!r}")
-    if queries.shape[1] % heads:
-        raise ValueError(f"fit_centroid_values: {queries.shape[1]} query heads do not group into {heads} KV heads")
+    probes = probe_queries(queries, heads)
     if slot_keys.shape[2] == exact or queries.shape[2] == 0:  # no centroid, or nothing to fit to
         return slot_values
-    # every query head of a KV head's group probes it: [1, H, G * N, D]
-    probes = queries.float().reshape(1, heads, -1, queries.shape[-1])
     full_logits = probes @ keys.float().transpose(-1, -2)
     target = torch.softmax(full_logits, -1) @ values.float()
     slot_logits = probes @ slot_keys.float().transpose(-1, -2) + size_bias * slot_sizes.float().log()[:, :, None]

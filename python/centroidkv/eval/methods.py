@@ -20,7 +20,7 @@ from ..policies.cluster_budget import PARTITIONS, cluster_to_budget
 from ..policies.protection import (absorb_evicted, protect_and_cluster, protected_count, protection_scores,
                          run_minimum, spread_scores, top_tokens, window_ranking)
 from ..reference import EPS
-from .fitted_values import fit_centroid_values
+from .fitted_values import fit_centroid_masses, fit_centroid_values, member_masses, probe_queries
 
 
 @dataclass
@@ -287,6 +287,34 @@ class FittedValueClustering(ProtectedClustering):
 
 
 @dataclass
+class MassFittedClustering(FittedValueClustering):
+    """The product ranking and merges, with each centroid's size replaced by the effective size
+    that gives the probe queries its members' attention mass (fit_centroid_masses; the members'
+    masses travel through the merges as extra value channels), then, with fit_values, its value
+    refitted as in FittedValueClustering (round 11)."""
+    mass_ridge: float = 0.1
+    fit_values: bool = True
+
+    def compress(self, region: Region):
+        if region.queries is None:
+            raise ValueError("MassFittedClustering: the region carries no probe queries")
+        probes = probe_queries(region.queries, region.keys.shape[1])
+        masses, shift = member_masses(probes, region.keys)
+        dv = region.values.shape[-1]
+        carried = replace(region, values=torch.cat([region.values.float(), masses], -1))
+        keys, values, sizes, kept = self.protect_and_cluster(carried)
+        exact = 0 if kept is None else kept.shape[-1]
+        values, merged_masses = values[..., :dv].to(region.values.dtype), values[..., exact:, dv:]
+        fitted = fit_centroid_masses(probes, shift, keys[..., exact:, :], sizes[..., exact:], merged_masses,
+                                     self.size_bias, self.mass_ridge)
+        sizes = torch.cat([sizes[..., :exact], fitted], -1)
+        if self.fit_values:
+            values = fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, exact,
+                                         self.size_bias, self.ridge, self.match)
+        return keys, values, sizes
+
+
+@dataclass
 class FittedNormKeepingClustering(FittedValueClustering):
     """FittedValueClustering whose centroid keys keep their members' mean norm
     (cluster_keeping_key_norms): a centroid's logit then undercounts its members' mass less."""
@@ -341,10 +369,12 @@ def round7_agnostic(**changes) -> ProtectedClustering:
     return replace(product_query_agnostic(), **{"size_bias": 1.0, **changes})
 
 
-def fitted(policy, keep_norms: bool = False, **changes) -> ProtectedClustering:
+def fitted(policy, keep_norms: bool = False, masses: bool = False, **changes) -> ProtectedClustering:
     """`policy()` (a harness ProtectedClustering) with its centroid values fitted by least squares
-    (and with keep_norms its centroid keys at their members' mean norm)."""
-    return replace(twin(policy(), FittedNormKeepingClustering if keep_norms else FittedValueClustering), **changes)
+    (with keep_norms its centroid keys at their members' mean norm; with masses its centroid sizes
+    fitted to their members' attention mass first)."""
+    kind = MassFittedClustering if masses else FittedNormKeepingClustering if keep_norms else FittedValueClustering
+    return replace(twin(policy(), kind), **changes)
 
 
 METHODS = {
@@ -419,6 +449,10 @@ METHODS = {
     "default_fit_num": lambda: fitted(product_default, match="numerator"),
     "default_fit_normkeep": lambda: fitted(product_default, keep_norms=True),
     "default_p80_fit": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.8)),
+    # centroid sizes fitted to their members' attention mass, then values (round 11)
+    "default_mass": lambda: fitted(product_default, masses=True, fit_values=False),
+    "default_fitmass": lambda: fitted(product_default, masses=True),
+    "default_p80_fitmass": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.8), masses=True),
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),
