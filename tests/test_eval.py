@@ -541,3 +541,46 @@ def test_fit_centroid_masses_closed_form_and_limits():
         fit_centroid_masses(probes, shift, keys, sizes, means, size_bias=0.0)
     with pytest.raises(ValueError, match="probe queries"):
         E.make_method("default_mass").compress(E.Region(**{**vars(_region()), "queries": None}))
+
+
+def test_fit_centroid_logits_recovers_single_members_and_solves_the_weighted_least_squares():
+    from centroidkv.eval.fitted_values import fit_centroid_logits, member_masses
+    g = torch.Generator().manual_seed(10)
+    probes, keys = 0.5 * torch.randn(1, 2, 30, 4, generator=g), torch.randn(1, 2, 6, 4, generator=g)
+    masses, shift = member_masses(probes, keys)
+    ones = torch.ones(1, 2, 6)
+    # a centroid of one token: its log-sum-exp is its own logit, so the fit gives back its key and size 1
+    k, s = fit_centroid_logits(probes, shift, torch.zeros_like(keys), 3 * ones, masses / 3, masses.sum(2), ridge=0.0)
+    torch.testing.assert_close(k, keys, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(s, ones, atol=1e-3, rtol=1e-3)
+    # two-member centroids: the weighted normal equations, checked in float64
+    pairs = masses.reshape(1, 2, 3, 2, 30).sum(3) / 2                         # mean mass of tokens (0,1), (2,3), (4,5)
+    mean_keys, sizes = keys.reshape(1, 2, 3, 2, 4).mean(3), 2 * torch.ones(1, 2, 3)
+    k, s = fit_centroid_logits(probes, shift, mean_keys, sizes, pairs, masses.sum(2), ridge=0.0)
+    lse = torch.logsumexp((probes.double() @ keys.double().transpose(-1, -2)).reshape(1, 2, 30, 3, 2), -1)
+    share = (pairs.double() * 2) / masses.double().sum(2)[..., None, :]       # [1, 2, 3, 30]
+    design = torch.cat([probes.double(), torch.ones(1, 2, 30, 1, dtype=torch.float64)], -1)
+    for h in range(2):
+        for c in range(3):
+            w = share[0, h, c]
+            x = torch.linalg.lstsq(design[0, h] * w.sqrt()[:, None], (lse[0, h, :, c] * w.sqrt())[:, None]).solution[:, 0]
+            torch.testing.assert_close(k[0, h, c].double(), x[:4], atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(s[0, h, c].double().log(), x[4], atol=1e-3, rtol=1e-3)
+    # a large ridge keeps the mean keys and sizes
+    k, s = fit_centroid_logits(probes, shift, mean_keys, sizes, pairs, masses.sum(2), ridge=1e9)
+    torch.testing.assert_close(k, mean_keys)
+    torch.testing.assert_close(s, sizes)
+    with pytest.raises(ValueError, match="size_bias"):
+        fit_centroid_logits(probes, shift, mean_keys, sizes, pairs, masses.sum(2), size_bias=-1.0)
+
+
+def test_logit_fitted_clustering_refits_only_the_centroids():
+    region = _region(seed=11)
+    keys, values, sizes = E.make_method("default_fitlogit").compress(region)
+    ref_keys, ref_values, ref_sizes, kept = E.product_default().protect_and_cluster(region)
+    exact = kept.shape[-1]
+    assert torch.equal(keys[..., :exact, :], ref_keys[..., :exact, :])
+    assert torch.equal(values[..., :exact, :], ref_values[..., :exact, :])
+    assert torch.equal(sizes[..., :exact], ref_sizes[..., :exact])
+    assert not torch.allclose(keys[..., exact:, :], ref_keys[..., exact:, :])
+    assert torch.isfinite(keys).all() and torch.isfinite(values).all() and (sizes > 0).all()

@@ -63,6 +63,32 @@ def fit_centroid_masses(probes: Tensor, shift: Tensor, centroid_keys: Tensor, ce
     return weight.clamp_min(EPS) ** (1.0 / size_bias)
 
 
+def fit_centroid_logits(probes: Tensor, shift: Tensor, centroid_keys: Tensor, centroid_sizes: Tensor,
+                        mean_masses: Tensor, region_masses: Tensor, size_bias: float = 1.0,
+                        ridge: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Keys [1, H, C, D] and effective sizes [1, H, C] fitted together so that each centroid's
+    logit q.k + size_bias * log(size) follows its members' log-sum-exp over the probes: a weighted
+    least-squares line in q, each probe weighted by the share of its attention (region_masses
+    [1, H, P], member_masses summed over the region) those members drew, pulled toward the mean
+    key and log size by `ridge` (relative to the centroids' mean normal equation). A mean key
+    gets the direction right but undercounts the mass, and more so for the probes that see its
+    members most spread; this fits both."""
+    if size_bias <= 0:
+        raise ValueError(f"fit_centroid_logits: size_bias must be > 0 (a bias to fit), got {size_bias}")
+    mass = mean_masses.float() * centroid_sizes.float()[..., None]              # [1, H, C, P]
+    target = mass.clamp_min(torch.finfo(torch.float32).tiny).log() + shift.transpose(-1, -2)
+    share = mass / region_masses.float()[..., None, :].clamp_min(EPS)
+    design = torch.cat([probes, torch.ones_like(probes[..., :1])], -1)[:, :, None]  # [1, H, 1, P, D + 1]
+    weighted = share[..., None] * design
+    gram = weighted.transpose(-1, -2) @ design                                  # [1, H, C, D + 1, D + 1]
+    rhs = (weighted * target[..., None]).sum(-2)
+    prior = torch.cat([centroid_keys.float(), size_bias * centroid_sizes.float().log()[..., None]], -1)
+    lam = ridge * gram.diagonal(dim1=-2, dim2=-1).mean((-1, -2))[..., None, None, None] + EPS
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    fitted = torch.cholesky_solve((rhs + lam[..., 0] * prior)[..., None], torch.linalg.cholesky(gram + lam * eye))[..., 0]
+    return fitted[..., :-1].to(centroid_keys.dtype), (fitted[..., -1] / size_bias).exp()
+
+
 def fit_centroid_values(queries: Tensor, keys: Tensor, values: Tensor, slot_keys: Tensor, slot_values: Tensor,
                         slot_sizes: Tensor, exact: int, size_bias: float = 1.0, ridge: float = 0.1,
                         match: str = "output") -> Tensor:

@@ -20,7 +20,8 @@ from ..policies.cluster_budget import PARTITIONS, cluster_to_budget
 from ..policies.protection import (absorb_evicted, protect_and_cluster, protected_count, protection_scores,
                          run_minimum, spread_scores, top_tokens, window_ranking)
 from ..reference import EPS
-from .fitted_values import fit_centroid_masses, fit_centroid_values, member_masses, probe_queries
+from .fitted_values import (fit_centroid_logits, fit_centroid_masses, fit_centroid_values, member_masses,
+                            probe_queries)
 
 
 @dataclass
@@ -291,9 +292,11 @@ class MassFittedClustering(FittedValueClustering):
     """The product ranking and merges, with each centroid's size replaced by the effective size
     that gives the probe queries its members' attention mass (fit_centroid_masses; the members'
     masses travel through the merges as extra value channels), then, with fit_values, its value
-    refitted as in FittedValueClustering (round 11)."""
+    refitted as in FittedValueClustering (round 11). With fit_keys the key and size are fitted
+    together to the members' log-sum-exp (fit_centroid_logits)."""
     mass_ridge: float = 0.1
     fit_values: bool = True
+    fit_keys: bool = False
 
     def compress(self, region: Region):
         if region.queries is None:
@@ -305,8 +308,13 @@ class MassFittedClustering(FittedValueClustering):
         keys, values, sizes, kept = self.protect_and_cluster(carried)
         exact = 0 if kept is None else kept.shape[-1]
         values, merged_masses = values[..., :dv].to(region.values.dtype), values[..., exact:, dv:]
-        fitted = fit_centroid_masses(probes, shift, keys[..., exact:, :], sizes[..., exact:], merged_masses,
-                                     self.size_bias, self.mass_ridge)
+        if self.fit_keys:
+            centroid_keys, fitted = fit_centroid_logits(probes, shift, keys[..., exact:, :], sizes[..., exact:],
+                                                        merged_masses, masses.sum(2), self.size_bias, self.mass_ridge)
+            keys = torch.cat([keys[..., :exact, :], centroid_keys], 2)
+        else:
+            fitted = fit_centroid_masses(probes, shift, keys[..., exact:, :], sizes[..., exact:], merged_masses,
+                                         self.size_bias, self.mass_ridge)
         sizes = torch.cat([sizes[..., :exact], fitted], -1)
         if self.fit_values:
             values = fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, exact,
@@ -453,6 +461,12 @@ METHODS = {
     "default_mass": lambda: fitted(product_default, masses=True, fit_values=False),
     "default_fitmass": lambda: fitted(product_default, masses=True),
     "default_p80_fitmass": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.8), masses=True),
+    "default_p80_fitmass_r01": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.8), masses=True,
+                                              mass_ridge=0.01),
+    "default_p70_fitmass": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.7), masses=True),
+    "default_fitlogit": lambda: fitted(product_default, masses=True, fit_keys=True),
+    "default_p80_fitlogit": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.8), masses=True,
+                                           fit_keys=True),
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),
