@@ -16,6 +16,8 @@ fit_centroid_masses (round 11) fixes that undercount where it arises, in the siz
 logit is below its members' log-mean-exp, so a centroid draws less attention than its members
 did. Each centroid's size becomes the effective size whose logit bias gives the probes its
 members' attention mass (in the spirit of attention-matching compaction's fitted biases).
+fit_centroid_logits fits the key along with the size, to the members' log-sum-exp; it is what
+makes fitted centroids pay on prose (round 11).
 """
 from __future__ import annotations
 

@@ -377,6 +377,12 @@ def round7_agnostic(**changes) -> ProtectedClustering:
     return replace(product_query_agnostic(), **{"size_bias": 1.0, **changes})
 
 
+def default_p80() -> ProtectedClustering:
+    """The product default with 20% of its slots for centroids (round 9's `default_p80` measured
+    the same on the round-7 default's fields)."""
+    return replace(product_default(), protect_fraction=0.8)
+
+
 def fitted(policy, keep_norms: bool = False, masses: bool = False, **changes) -> ProtectedClustering:
     """`policy()` (a harness ProtectedClustering) with its centroid values fitted by least squares
     (with keep_norms its centroid keys at their members' mean norm; with masses its centroid sizes
@@ -456,17 +462,17 @@ METHODS = {
     "default_fit_r01": lambda: fitted(product_default, ridge=0.01),
     "default_fit_num": lambda: fitted(product_default, match="numerator"),
     "default_fit_normkeep": lambda: fitted(product_default, keep_norms=True),
-    "default_p80_fit": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.8)),
+    "default_p80_fit": lambda: fitted(default_p80),
     # centroid sizes fitted to their members' attention mass, then values (round 11)
     "default_mass": lambda: fitted(product_default, masses=True, fit_values=False),
     "default_fitmass": lambda: fitted(product_default, masses=True),
-    "default_p80_fitmass": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.8), masses=True),
-    "default_p80_fitmass_r01": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.8), masses=True,
-                                              mass_ridge=0.01),
+    "default_p80_fitmass": lambda: fitted(default_p80, masses=True),
+    "default_p80_fitmass_r01": lambda: fitted(default_p80, masses=True, mass_ridge=0.01),
     "default_p70_fitmass": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.7), masses=True),
+    # centroid keys and sizes fitted to their members' log-sum-exp, then values (round 11)
+    "default_logit": lambda: fitted(product_default, masses=True, fit_keys=True, fit_values=False),
     "default_fitlogit": lambda: fitted(product_default, masses=True, fit_keys=True),
-    "default_p80_fitlogit": lambda: fitted(lambda: replace(product_default(), protect_fraction=0.8), masses=True,
-                                           fit_keys=True),
+    "default_p80_fitlogit": lambda: fitted(default_p80, masses=True, fit_keys=True),
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),
