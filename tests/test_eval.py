@@ -275,9 +275,10 @@ def test_dividend_pairs_each_sample_with_its_control():
     prose, after = dividend(records)  # sorted by setting
     assert prose["n"] == 3 and (prose["better"], prose["worse"]) == (2, 1)
     assert prose["dividend"] == pytest.approx(1 - (0.05 / 3) / (0.08 / 3))
+    assert prose["difference"] == pytest.approx(-0.01) and prose["half"] > 0  # (-0.01 + 0.01 - 0.03) / 3
     assert after["n"] == 4 and (after["better"], after["worse"]) == (2, 1) and after["dividend"] == pytest.approx(0.25)
     assert after["half"] > 0
-    assert "centroid dividend" in markdown(records) and "+38% less KL" in markdown(records)
+    assert "centroid dividend" in markdown(records) and "+38% less KL (-0.0100 ± " in markdown(records)
 
 
 def test_pool_tells_seeds_apart_counts_a_shared_record_once_and_pairs_methods(tmp_path):

@@ -472,6 +472,7 @@ METHODS = {
     # centroid keys and sizes fitted to their members' log-sum-exp, then values (round 11)
     "default_logit": lambda: fitted(product_default, masses=True, fit_keys=True, fit_values=False),
     "default_fitlogit": lambda: fitted(product_default, masses=True, fit_keys=True),
+    "default_fitlogit_r1": lambda: fitted(product_default, masses=True, fit_keys=True, mass_ridge=1.0),
     "default_p80_fitlogit": lambda: fitted(default_p80, masses=True, fit_keys=True),
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),

@@ -56,8 +56,8 @@ def summarize(records: list[dict]) -> dict:
 def paired(records: list[dict], baseline_of) -> list[dict]:
     """Each method against the baseline `baseline_of(method)` names (None: no baseline), paired
     over the same samples, per (setting, length, method, ratio). Prose: mean KL of both, the
-    relative gain 1 - KL / KL_baseline and the texts on which the method's KL is lower (and
-    higher). Questions: mean score of both over every task, the mean paired difference (with its
+    relative gain 1 - KL / KL_baseline, the mean paired KL difference (with its 95% interval) and
+    the texts on which the method's KL is lower (and higher). Questions: mean score of both over every task, the mean paired difference (with its
     95% interval) and the samples it wins (and loses)."""
     index = {(r["setting"], r["task"], r["length"], r["sample"], r["method"], r["ratio"]): r for r in records}
     pairs = defaultdict(list)
@@ -74,6 +74,7 @@ def paired(records: list[dict], baseline_of) -> list[dict]:
                    n=len(values), value=sum(ours) / len(ours), control=sum(theirs) / len(theirs))
         if setting == "prose":  # lower is better
             row["dividend"] = 1.0 - row["value"] / row["control"] if row["control"] > 0 else 0.0
+            row["difference"], row["half"], _ = mean_ci([o - c for o, c in values])
             row["better"], row["worse"] = sum(o < c for o, c in values), sum(o > c for o, c in values)
         else:
             row["dividend"], row["half"], _ = mean_ci([o - c for o, c in values])
@@ -92,6 +93,7 @@ def _cells(r: dict) -> str:
     if r["setting"] == "prose":
         d = r["dividend"]
         gain = f"{100 * d:+.0f}% less KL" if d >= 0 else f"{-100 * d:+.0f}% more KL"
+        gain += f" ({r['difference']:+.4f} ± {r['half']:.4f})"
         values = f"KL {r['value']:.4f} | KL {r['control']:.4f}"
     else:
         values, gain = f"{r['value']:.2f} | {r['control']:.2f}", f"{r['dividend']:+.2f} ± {r['half']:.2f}"
