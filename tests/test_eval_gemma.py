@@ -92,6 +92,29 @@ def test_only_global_layers_are_compressed():
         assert torch.isfinite(logits).all()
 
 
+@torch.no_grad()
+def test_probe_queries_reproduce_the_global_layers_attention_rows():
+    """The fitted-centroid methods read these probes; on Gemma-3 they carry its own query scale
+    (query_pre_attn_scalar) and one KV head for every query head (MQA)."""
+    model = _tiny_gemma()
+    lm = _harness(model)
+    cache = M.cache_from([], model.config)
+    M.forward(lm, torch.randint(0, VOCAB, (1, 50))[0].tolist(), cache, 0, record=True)
+    (keys, _) = M.kv_of(cache)[1]
+    probes = lm.state.queries[1]                                  # [1, Hq, 50, D]
+    logits = probes[0, :, -1] @ keys[0, 0].float().transpose(-1, -2)  # every query head reads the one KV head
+    torch.testing.assert_close(torch.softmax(logits, -1), lm.state.window_rows[1][0, :, -1].float(),
+                               atol=1e-5, rtol=1e-4)
+    # the mass-and-logit fit runs on MQA probes and keeps the exact slots
+    region_keys = keys[:, :, :40].float()
+    from centroidkv.eval.methods import Region
+    region = Region(region_keys, torch.randn(1, 1, 40, keys.shape[-1]), torch.rand(1, 1, 40), torch.rand(1, 1, 40),
+                    16, torch.Generator().manual_seed(0), torch.rand(1, 1, 40), None, probes[:, :, 40:])
+    k, v, s = make_method("default_fitlogit").compress(region)
+    assert k.shape == (1, 1, 16, keys.shape[-1]) and torch.isfinite(k).all() and torch.isfinite(v).all()
+    assert (s > 0).all()
+
+
 class _BosTokenizer:
     """Stand-in tokenizer that, like Gemma's, puts <bos> (id 2) first unless told not to."""
     chat_template = None
