@@ -57,8 +57,9 @@ def paired(records: list[dict], baseline_of) -> list[dict]:
     """Each method against the baseline `baseline_of(method)` names (None: no baseline), paired
     over the same samples, per (setting, length, method, ratio). Prose: mean KL of both, the
     relative gain 1 - KL / KL_baseline, the mean paired KL difference (with its 95% interval) and
-    the texts on which the method's KL is lower (and higher). Questions: mean score of both over every task, the mean paired difference (with its
-    95% interval) and the samples it wins (and loses)."""
+    the texts on which the method's KL is lower (and higher). Questions: mean score of both over
+    every task, the mean paired difference (with its 95% interval) and the samples it wins (and
+    loses)."""
     index = {(r["setting"], r["task"], r["length"], r["sample"], r["method"], r["ratio"]): r for r in records}
     pairs = defaultdict(list)
     for (setting, task, length, sample, method, ratio), r in index.items():
@@ -72,12 +73,13 @@ def paired(records: list[dict], baseline_of) -> list[dict]:
         ours, theirs = [v[0] for v in values], [v[1] for v in values]
         row = dict(setting=setting, length=length, method=method, baseline=baseline, ratio=ratio,
                    n=len(values), value=sum(ours) / len(ours), control=sum(theirs) / len(theirs))
+        difference, row["half"], _ = mean_ci([o - c for o, c in values])
         if setting == "prose":  # lower is better
             row["dividend"] = 1.0 - row["value"] / row["control"] if row["control"] > 0 else 0.0
-            row["difference"], row["half"], _ = mean_ci([o - c for o, c in values])
+            row["difference"] = difference
             row["better"], row["worse"] = sum(o < c for o, c in values), sum(o > c for o, c in values)
         else:
-            row["dividend"], row["half"], _ = mean_ci([o - c for o, c in values])
+            row["dividend"] = difference
             row["better"], row["worse"] = sum(o > c for o, c in values), sum(o < c for o, c in values)
         rows.append(row)
     return rows
