@@ -461,8 +461,19 @@ def test_fitted_values_reduce_to_the_mean_values_under_a_large_ridge_and_check_t
         fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, 0, match="nope")
     with pytest.raises(ValueError, match="query heads"):
         fit_centroid_values(region.queries[:, :5], region.keys, region.values, keys, values, sizes, kept.shape[-1])
-    with pytest.raises(ValueError, match="probe queries"):
+    with pytest.raises(ValueError, match="FittedValueClustering: .*probe queries"):
         E.make_method("default_fit").compress(E.Region(**{**vars(region), "queries": None}))
+
+
+def test_fitted_values_take_the_callers_probe_logits_unchanged():
+    from centroidkv.eval.fitted_values import fit_centroid_values, probe_logits, probe_queries
+    region = _region(seed=6)
+    keys, values, sizes, kept = E.product_default().protect_and_cluster(region)
+    args = (region.queries, region.keys, region.values, keys, values, sizes, kept.shape[-1])
+    logits = probe_logits(probe_queries(region.queries, 3), region.keys)
+    torch.testing.assert_close(fit_centroid_values(*args, full_logits=logits), fit_centroid_values(*args))
+    # the logits are used as given: other logits give another fit
+    assert not torch.allclose(fit_centroid_values(*args, full_logits=logits.flip(-1)), fit_centroid_values(*args))
 
 
 def test_agnostic_is_the_product_preset_and_ranks_as_protected90_s100_by_runs():
@@ -510,10 +521,9 @@ def test_mass_fitted_sizes_restore_the_probes_attention_mass_and_change_nothing_
 
 
 def test_merged_member_masses_keep_each_probes_total():
-    from centroidkv.eval.fitted_values import member_masses, probe_queries
+    from centroidkv.eval.fitted_values import member_masses, probe_logits, probe_queries
     region = _region(seed=8)
-    probes = probe_queries(region.queries, 3)
-    masses, _ = member_masses(probes, region.keys)
+    masses, _ = member_masses(probe_logits(probe_queries(region.queries, 3), region.keys))
     carried = replace(region, values=torch.cat([region.values, masses], -1))
     _, values, sizes, kept = E.product_default().protect_and_cluster(carried)
     exact = kept.shape[-1]
@@ -540,15 +550,15 @@ def test_fit_centroid_masses_closed_form_and_limits():
     torch.testing.assert_close(fit_centroid_masses(probes, shift + 200.0, keys, sizes, means), sizes)
     with pytest.raises(ValueError, match="size_bias"):
         fit_centroid_masses(probes, shift, keys, sizes, means, size_bias=0.0)
-    with pytest.raises(ValueError, match="probe queries"):
+    with pytest.raises(ValueError, match="MassFittedClustering: .*probe queries"):
         E.make_method("default_mass").compress(E.Region(**{**vars(_region()), "queries": None}))
 
 
 def test_fit_centroid_logits_recovers_single_members_and_solves_the_weighted_least_squares():
-    from centroidkv.eval.fitted_values import fit_centroid_logits, member_masses
+    from centroidkv.eval.fitted_values import fit_centroid_logits, member_masses, probe_logits
     g = torch.Generator().manual_seed(10)
     probes, keys = 0.5 * torch.randn(1, 2, 30, 4, generator=g), torch.randn(1, 2, 6, 4, generator=g)
-    masses, shift = member_masses(probes, keys)
+    masses, shift = member_masses(probe_logits(probes, keys))
     ones = torch.ones(1, 2, 6)
     # a centroid of one token: its log-sum-exp is its own logit, so the fit gives back its key and size 1
     k, s = fit_centroid_logits(probes, shift, torch.zeros_like(keys), 3 * ones, masses / 3, masses.sum(2), ridge=0.0)

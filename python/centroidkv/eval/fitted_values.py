@@ -21,6 +21,8 @@ makes fitted centroids pay on prose (round 11).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -37,12 +39,16 @@ def probe_queries(queries: Tensor, heads: int) -> Tensor:
     return queries.float().reshape(1, heads, -1, queries.shape[-1])
 
 
-def member_masses(probes: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
-    """Each token's attention mass for each probe, [1, H, M, P], relative to the probe's largest
-    logit over the region (returned, [1, H, P, 1], so that centroids are measured on the same scale).
-    Carried through the merges as extra value channels, a centroid's mean times its size is its
-    members' total mass."""
-    logits = probes @ keys.float().transpose(-1, -2)
+def probe_logits(probes: Tensor, keys: Tensor) -> Tensor:
+    """[1, H, P, M] logits of the probes (probe_queries) against the region's keys [1, H, M, D]."""
+    return probes @ keys.float().transpose(-1, -2)
+
+
+def member_masses(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Each token's attention mass for each probe, [1, H, M, P], from the probe logits [1, H, P, M],
+    relative to the probe's largest logit over the region (returned, [1, H, P, 1], so that
+    centroids are measured on the same scale). Carried through the merges as extra value
+    channels, a centroid's mean times its size is its members' total mass."""
     shift = logits.amax(-1, keepdim=True)
     return (logits - shift).exp().transpose(-1, -2), shift
 
@@ -93,20 +99,22 @@ def fit_centroid_logits(probes: Tensor, shift: Tensor, centroid_keys: Tensor, ce
 
 def fit_centroid_values(queries: Tensor, keys: Tensor, values: Tensor, slot_keys: Tensor, slot_values: Tensor,
                         slot_sizes: Tensor, exact: int, size_bias: float = 1.0, ridge: float = 0.1,
-                        match: str = "output") -> Tensor:
+                        match: str = "output", full_logits: Optional[Tensor] = None) -> Tensor:
     """slot_values with the centroid rows (slots exact.., after the `exact` exact tokens) refitted.
 
     queries [1, Hq, N, D] (scaled, after rotary; Hq a multiple of H), keys / values [1, H, M, *]
     the uncompressed region, slot_* [1, H, B, *] its compressed slots. `ridge` scales the pull
     toward the mean values (relative to the mean diagonal of the normal equations). Logits are
-    not soft-capped (neither SmolLM2 nor Gemma-3 caps attention logits)."""
+    not soft-capped (neither SmolLM2 nor Gemma-3 caps attention logits). full_logits: the region's
+    probe_logits, where the caller has them already."""
     heads = keys.shape[1]
     if match not in MATCHES:
         raise ValueError(f"fit_centroid_values: match must be one of {MATCHES}, got {match!r}")
     probes = probe_queries(queries, heads)
     if slot_keys.shape[2] == exact or queries.shape[2] == 0:  # no centroid, or nothing to fit to
         return slot_values
-    full_logits = probes @ keys.float().transpose(-1, -2)
+    if full_logits is None:
+        full_logits = probe_logits(probes, keys)
     target = torch.softmax(full_logits, -1) @ values.float()
     slot_logits = probes @ slot_keys.float().transpose(-1, -2) + size_bias * slot_sizes.float().log()[:, :, None]
     if match == "output":

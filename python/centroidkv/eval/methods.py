@@ -21,7 +21,7 @@ from ..policies.protection import (absorb_evicted, protect_and_cluster, protecte
                          run_minimum, spread_scores, top_tokens, window_ranking)
 from ..reference import EPS
 from .fitted_values import (fit_centroid_logits, fit_centroid_masses, fit_centroid_values, member_masses,
-                            probe_queries)
+                            probe_logits, probe_queries)
 
 
 @dataclass
@@ -277,9 +277,12 @@ class FittedValueClustering(ProtectedClustering):
     ridge: float = 0.1
     match: str = "output"
 
-    def compress(self, region: Region):
+    def _require_probes(self, region: Region) -> None:
         if region.queries is None:
-            raise ValueError("FittedValueClustering: the region carries no probe queries")
+            raise ValueError(f"{type(self).__name__}: the region carries no probe queries")
+
+    def compress(self, region: Region):
+        self._require_probes(region)
         keys, values, sizes, kept = self.protect_and_cluster(region)
         exact = 0 if kept is None else kept.shape[-1]
         fitted = fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, exact,
@@ -299,10 +302,10 @@ class MassFittedClustering(FittedValueClustering):
     fit_keys: bool = False
 
     def compress(self, region: Region):
-        if region.queries is None:
-            raise ValueError("MassFittedClustering: the region carries no probe queries")
+        self._require_probes(region)
         probes = probe_queries(region.queries, region.keys.shape[1])
-        masses, shift = member_masses(probes, region.keys)
+        logits = probe_logits(probes, region.keys)
+        masses, shift = member_masses(logits)
         dv = region.values.shape[-1]
         carried = replace(region, values=torch.cat([region.values.float(), masses], -1))
         keys, values, sizes, kept = self.protect_and_cluster(carried)
@@ -318,7 +321,7 @@ class MassFittedClustering(FittedValueClustering):
         sizes = torch.cat([sizes[..., :exact], fitted], -1)
         if self.fit_values:
             values = fit_centroid_values(region.queries, region.keys, region.values, keys, values, sizes, exact,
-                                         self.size_bias, self.ridge, self.match)
+                                         self.size_bias, self.ridge, self.match, logits)
         return keys, values, sizes
 
 
