@@ -12,7 +12,7 @@ full one, for the probes (in sample) and for the continuation's queries (held ou
   tail; the continuation's own keys left out), which weighs the two above by how much of each
   query's attention the region draws.
 
-    python benchmarks/fit_generalisation.py --model gemma3 --texts 4 --out results/eval/fit_generalisation_gemma3.json
+    python benchmarks/fit_generalisation.py --model gemma3 --texts 4 --json results/eval/fit_generalisation_gemma3.json
 
 CPU, one forward of each text and its continuation; the methods are the harness's.
 """
@@ -101,13 +101,16 @@ def measure(lm, ids, prefix_len, ratio, methods, seed):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3"))
+    p.add_argument("--model", default="smollm2", help="smollm2 or gemma3")
     p.add_argument("--texts", type=int, default=4)
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--ratio", type=float, default=0.75)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--tiny", action="store_true", help="a random-weight model, one 256-token text (smoke test)")
+    p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    if args.tiny:
+        args.model, args.texts, args.length = "random-llama", 1, 256
     torch.set_num_threads(1)
     lm = M.load_model(args.model)
     runs = []
@@ -125,8 +128,8 @@ def main() -> None:
     for name, s in summary.items():
         print(f"{name:22s} {s['probe']['mass']:11.4f} {s['probe']['output']:10.4f} "
               f"{s['held_out']['mass']:14.4f} {s['held_out']['output']:13.4f} {s['layer']:15.4f}")
-    if args.out:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "per_text": runs,
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "per_text": runs,
                                         "summary": summary}, indent=1))
 
 

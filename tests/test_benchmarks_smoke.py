@@ -6,6 +6,7 @@ that the synthetic cache fill they time is the state a real prefill leaves.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -237,3 +238,38 @@ def test_needle_coverage_preset_row_is_the_run_candidate():
     ranked = needle_coverage.rankings(info)
     torch.testing.assert_close(ranked["query_agnostic() preset"], ranked["run-min7 span 10/4"])
     assert not torch.equal(ranked["run-min7 span 10/4"], ranked["span 15/15 (pool 31, round 6's preset)"])
+
+
+def test_fit_generalisation_tiny(tmp_path):
+    """Every error is finite and >= 0; a values-only fit leaves the region's mass as the default's,
+    and eviction draws another mass than the centroids."""
+    table = run_script("fit_generalisation.py", tmp_path=tmp_path)["summary"]
+    for row in table.values():
+        for value in (row["probe"]["mass"], row["probe"]["output"], row["held_out"]["mass"],
+                      row["held_out"]["output"], row["layer"]):
+            assert value >= 0 and value == value and value != float("inf")
+    for kind in ("probe", "held_out"):
+        assert table["default_fit"][kind]["mass"] == pytest.approx(table["default"][kind]["mass"], rel=1e-5)
+    assert table["default+evict"]["probe"]["mass"] != pytest.approx(table["default"]["probe"]["mass"], rel=1e-3)
+
+
+def test_fit_generalisation_errors_vanish_for_lossless_merges():
+    """Pairs of identical tokens merged into one slot of size 2 lose nothing under the size bias;
+    without it the region's log-mass is off by exactly log 2 and its output still exact."""
+    import fit_generalisation as fg
+
+    g = torch.Generator().manual_seed(3)
+    slot_keys, slot_values = torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 5, 4, generator=g)
+    keys, values = slot_keys.repeat_interleave(2, 2), slot_values.repeat_interleave(2, 2)
+    queries, sizes = torch.randn(1, 4, 7, 8, generator=g), torch.full((1, 2, 5), 2.0)
+    mass, output = fg.region_errors(queries, keys, values, slot_keys, slot_values, sizes, 1.0)
+    assert float(mass.max()) < 1e-5 and float(output.max()) < 1e-5
+    mass, output = fg.region_errors(queries, keys, values, slot_keys, slot_values, sizes, 0.0)
+    torch.testing.assert_close(mass, torch.full_like(mass, math.log(2.0)))
+    assert float(output.max()) < 1e-5
+    sink, tail = (torch.randn(1, 2, 3, 8, generator=g), torch.randn(1, 2, 3, 4, generator=g)), \
+        (torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 2, 4, 4, generator=g))
+    parts = [sink, (keys, values), tail]
+    assert float(fg.prefix_output_error(queries, parts, (slot_keys, slot_values, sizes), 1.0).max()) < 1e-5
+    dropped = (slot_keys[:, :, :2], slot_values[:, :, :2], sizes[:, :, :2])
+    assert float(fg.prefix_output_error(queries, parts, dropped, 1.0).min()) > 0
