@@ -53,6 +53,11 @@ def test_every_method_fills_the_budget_and_conserves_size(name):
         return
     assert torch.isfinite(k).all() and torch.isfinite(v).all() and (s >= 1).all()
     total = float(s.sum(-1).max())
+    method = E.make_method(name)
+    if isinstance(method, E.DullCentroids):  # merges all but the next-ranked tokens it evicts
+        protect = E.protected_count(96, method.protect_fraction)
+        assert total == pytest.approx(256.0 - min(round(method.skip * (256 - protect)), 256 - 96))
+        return
     # merging methods keep every token's weight, eviction keeps exactly the budget
     assert total == pytest.approx(256.0 if float(s.max()) > 1 else 96.0)
 
@@ -463,6 +468,32 @@ def test_fitted_values_reduce_to_the_mean_values_under_a_large_ridge_and_check_t
         fit_centroid_values(region.queries[:, :5], region.keys, region.values, keys, values, sizes, kept.shape[-1])
     with pytest.raises(ValueError, match="FittedValueClustering: .*probe queries"):
         E.make_method("default_fit").compress(E.Region(**{**vars(region), "queries": None}))
+
+
+def test_dull_centroids_evict_the_next_ranked_and_merge_only_the_rest():
+    region = _region(seed=11)
+    default, dull = E.product_default(), E.make_method("default_dull50")
+    # skip 0 is the default itself
+    for a, b in zip(replace(dull, skip=0.0).protect_and_cluster(region), default.protect_and_cluster(region)):
+        assert torch.equal(a, b)
+    keys, values, sizes, kept = dull.protect_and_cluster(region)
+    protect = kept.shape[-1]
+    assert torch.equal(kept, default.protect_and_cluster(region)[3])  # the same exact tokens
+    ranking = dull.ranking(region, protect)
+    rest = torch.ones_like(ranking, dtype=torch.bool).scatter_(-1, kept, False)
+    drop = round(0.5 * (256 - protect))
+    for h in range(3):
+        candidates = rest[0, h].nonzero()[:, 0]
+        order = ranking[0, h][candidates].sort(descending=True, stable=True).indices  # ties: earlier first
+        evicted, dull_tokens = candidates[order[:drop]], torch.zeros(256, dtype=torch.bool)
+        dull_tokens[candidates[order[drop:]]] = True
+        assert float(ranking[0, h][dull_tokens].max()) <= float(ranking[0, h][evicted].min())
+        # the centroids stand for exactly the tokens ranked below the evicted ones, weights kept
+        assert float(sizes[0, h, protect:].sum()) == int(dull_tokens.sum()) == 256 - protect - drop
+        torch.testing.assert_close((values[0, h, protect:] * sizes[0, h, protect:, None]).sum(0),
+                                   region.values[0, h][dull_tokens].sum(0), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="skip"):
+        replace(dull, skip=1.5).compress(region)
 
 
 def test_fitted_values_take_the_callers_probe_logits_unchanged():

@@ -270,6 +270,37 @@ class NormKeepingClustering(ProtectedClustering):
 
 
 @dataclass
+class DullCentroids(ProtectedClustering):
+    """The product ranking, but the centroids stand only for the dullest unprotected tokens: the
+    `skip` share of them ranked highest (just below the protection cutoff: a needle's unprotected
+    neighbours, a name's tail) is evicted instead of merged, so that no centroid blurs what a
+    later question looks for (a merge-rule candidate for issue 16's needle dividend, round 12).
+    At most as many are evicted as leave the centroid slots one token each."""
+    skip: float = 0.5
+
+    def protect_and_cluster(self, region: Region) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        if not 0.0 <= self.skip <= 1.0:
+            raise ValueError(f"DullCentroids: skip must be in [0, 1], got {self.skip}")
+        protect = protected_count(region.budget, self.protect_fraction)
+        ranking = self.ranking(region, protect)
+        if ranking is None or protect == 0:
+            return super().protect_and_cluster(region)
+        kept, rest = top_tokens(ranking, protect)
+        slots = region.budget - protect
+        drop = min(round(self.skip * rest.shape[-1]), rest.shape[-1] - slots)
+        dull = rest.gather(-1, top_tokens(ranking.gather(-1, rest), drop)[1])  # in position order
+
+        def take(x: Tensor, index: Tensor) -> Tensor:
+            return x.gather(2, index[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+        ck, cv, cs = self.cluster_rest(take(region.keys, dull), take(region.values, dull),
+                                       torch.ones(dull.shape, device=dull.device), slots, self.chunk_size,
+                                       self.num_merge)
+        return (torch.cat([take(region.keys, kept), ck], 2), torch.cat([take(region.values, kept), cv], 2),
+                torch.cat([torch.ones(kept.shape, device=kept.device), cs], 2), kept)
+
+
+@dataclass
 class FittedValueClustering(ProtectedClustering):
     """The product ranking and merges (ProtectedClustering), then the centroids' values refitted
     by fit_centroid_values (fitted_values.py) to the region's probe queries (a merge-rule candidate
@@ -477,6 +508,10 @@ METHODS = {
     "default_fitlogit": lambda: fitted(product_default, masses=True, fit_keys=True),
     "default_fitlogit_r1": lambda: fitted(product_default, masses=True, fit_keys=True, mass_ridge=1.0),
     "default_p80_fitlogit": lambda: fitted(default_p80, masses=True, fit_keys=True),
+    # centroids only for the dullest unprotected tokens, the next-ranked evicted (round 12)
+    "default_dull50": lambda: product_default(DullCentroids),
+    "default_dull25": lambda: replace(product_default(DullCentroids), skip=0.25),
+    "default_dull90": lambda: replace(product_default(DullCentroids), skip=0.9),
     # ablations of the ranking (ProtectedVariant): span-averaged surprisal, a recency share
     "protected90_s30a15": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, info_smooth=15),
     "protected90_s30r20": lambda: ProtectedVariant(protect_fraction=0.9, pool=31, info_share=0.3, recent_share=0.2),
