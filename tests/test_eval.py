@@ -496,6 +496,15 @@ def test_dull_centroids_evict_the_next_ranked_and_merge_only_the_rest():
         replace(dull, skip=1.5).compress(region)
 
 
+def test_late_key_fit_leaves_the_first_compressed_layer_to_the_value_fit():
+    region = _region(seed=12)
+    late = E.make_method("default_fitlogit_late")
+    for depth, twin_name in ((0, "default_fit"), (1, "default_fitlogit"), (5, "default_fitlogit")):
+        at_depth = replace(region, depth=depth)
+        for a, b in zip(late.compress(at_depth), E.make_method(twin_name).compress(at_depth)):
+            torch.testing.assert_close(a, b)
+
+
 def test_fitted_values_take_the_callers_probe_logits_unchanged():
     from centroidkv.eval.fitted_values import fit_centroid_values, probe_logits, probe_queries
     region = _region(seed=6)

@@ -90,6 +90,12 @@ def test_only_global_layers_are_compressed():
         # decoding on top of the mixed cache works and stays finite
         logits = M.forward(lm, [5], M.cache_from(out, model.config), 300, sizes=sizes)
         assert torch.isfinite(logits).all()
+    # a region knows its depth among the compressed layers (layer 1 is the first global one)
+    depths = []
+    recording = make_method("snapkv")
+    recording.compress = lambda region: depths.append(region.depth) or type(recording).compress(recording, region)
+    compress_cache(kv, window, totals, recording, budget, seed=0)
+    assert depths == [0]
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ class Region:
     reconstruction: Optional[dict] = None
     # [1, Hq, N, D] the context's own queries, scaled, after rotary (AttentionState.queries)
     queries: Optional[Tensor] = None
+    depth: int = 0  # how many compressed layers come before this region's layer
 
 
 Result = tuple[Tensor, Tensor, Tensor]  # keys, values, sizes of the `budget` slots
@@ -331,8 +332,13 @@ class MassFittedClustering(FittedValueClustering):
     mass_ridge: float = 0.1
     fit_values: bool = True
     fit_keys: bool = False
+    # regions of the first `keys_from_depth` compressed layers get only the value fit (round 12:
+    # on Gemma-3 the key fit reproduces the first global layer worse for queries it was not fitted to)
+    keys_from_depth: int = 0
 
     def compress(self, region: Region):
+        if region.depth < self.keys_from_depth:
+            return super().compress(region)
         self._require_probes(region)
         probes = probe_queries(region.queries, region.keys.shape[1])
         logits = probe_logits(probes, region.keys)
@@ -508,6 +514,7 @@ METHODS = {
     "default_fitlogit": lambda: fitted(product_default, masses=True, fit_keys=True),
     "default_fitlogit_r1": lambda: fitted(product_default, masses=True, fit_keys=True, mass_ridge=1.0),
     "default_p80_fitlogit": lambda: fitted(default_p80, masses=True, fit_keys=True),
+    "default_fitlogit_late": lambda: fitted(product_default, masses=True, fit_keys=True, keys_from_depth=1),
     # centroids only for the dullest unprotected tokens, the next-ranked evicted (round 12)
     "default_dull50": lambda: product_default(DullCentroids),
     "default_dull25": lambda: replace(product_default(DullCentroids), skip=0.25),

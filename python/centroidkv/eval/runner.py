@@ -126,6 +126,7 @@ def compress_cache(kv, window: dict, totals: dict, method, budget: Budget, seed:
         return kv, {}
     out, sizes = [], {}
     lo, hi = budget.sink, budget.sink + budget.middle
+    depth = 0
     for layer, (k, v) in enumerate(kv):
         if layer not in window:
             out.append((k, v))
@@ -136,7 +137,8 @@ def compress_cache(kv, window: dict, totals: dict, method, budget: Budget, seed:
                         None if info is None else info[lo:hi].view(1, 1, -1),
                         None if reconstruction is None else
                         {kind: scores[layer][..., lo:hi].cpu() for kind, scores in reconstruction.items()},
-                        None if queries is None else _after(queries[layer], queries_end - hi).cpu())
+                        None if queries is None else _after(queries[layer], queries_end - hi).cpu(), depth)
+        depth += 1
         ck, cv, cs = method.compress(region)
         assert ck.shape[2] == budget.kept, (type(method).__name__, ck.shape, budget.kept)
         ones = torch.ones(1, k.shape[1], 1, device=k.device)
