@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from centroidkv.eval import model as M
-from centroidkv.eval.fitted_values import probe_queries
+from centroidkv.eval.fitted_values import probe_logits, probe_queries
 from centroidkv.eval.methods import Region, make_method
 from centroidkv.eval.runner import _after, _group_sum, _window_scores, split_budget, surprisal
 from centroidkv.eval.tasks import prose_texts
@@ -36,7 +36,7 @@ METHODS = ("default+evict", "default", "default_fit", "default_fitlogit", "defau
 def region_errors(queries, keys, values, slot_keys, slot_values, slot_sizes, size_bias):
     """Per-query (mass error, output error) of the compressed slots against the full region."""
     probes = probe_queries(queries, keys.shape[1])
-    full = probes @ keys.float().transpose(-1, -2)
+    full = probe_logits(probes, keys)
     bias = size_bias * slot_sizes.float().clamp_min(1e-30).log()[:, :, None] if size_bias else 0.0
     slots = probes @ slot_keys.float().transpose(-1, -2) + bias
     mass = (torch.logsumexp(slots, -1) - torch.logsumexp(full, -1)).abs()
@@ -77,7 +77,7 @@ def measure(lm, ids, prefix_len, ratio, methods, seed):
     budget = split_budget(prefix_len, ratio)
     lo, hi = budget.sink, budget.sink + budget.middle
     out = {name: {"probe": [[], []], "held_out": [[], []], "layer": []} for name in methods}
-    for layer in layers:
+    for depth, layer in enumerate(layers):
         keys, values = kv[layer][0][:, :, :prefix_len].cpu(), kv[layer][1][:, :, :prefix_len].cpu()
         parts = [(keys[:, :, a:b], values[:, :, a:b]) for a, b in ((0, lo), (lo, hi), (hi, prefix_len))]
         k, v = parts[1]
@@ -86,13 +86,14 @@ def measure(lm, ids, prefix_len, ratio, methods, seed):
             method = make_method(name)
             region = Region(k, v, window[layer][..., lo:hi].cpu(), totals[layer][..., lo:hi].cpu(), budget.kept,
                             torch.Generator().manual_seed(seed * 1000 + layer), info[lo:hi].view(1, 1, -1),
-                            None, tail)
+                            None, tail, depth)
             ck, cv, cs = method.compress(region)
             for kind, queries in (("probe", tail), ("held_out", held_out[layer].cpu())):
                 mass, output = region_errors(queries, k, v, ck, cv, cs, method.size_bias)
                 out[name][kind][0].append(mass)
                 out[name][kind][1].append(output)
-            out[name]["layer"].append(prefix_output_error(held_out[layer].cpu(), parts, (ck, cv, cs), method.size_bias))
+            layer_error = prefix_output_error(held_out[layer].cpu(), parts, (ck, cv, cs), method.size_bias)
+            out[name]["layer"].append(layer_error)
     return {name: {**{kind: {"mass": float(torch.cat(kinds[kind][0]).mean()),
                              "output": float(torch.cat(kinds[kind][1]).mean())} for kind in ("probe", "held_out")},
                    "layer": float(torch.cat(kinds["layer"]).mean()),
@@ -131,9 +132,11 @@ def main() -> None:
           f"{'held-out layer':>15s} {'(95th pct)':>10s}")
     for name, s in summary.items():
         print(f"{name:22s} {s['probe']['mass']:11.4f} {s['probe']['output']:10.4f} "
-              f"{s['held_out']['mass']:14.4f} {s['held_out']['output']:13.4f} {s['layer']:15.4f} {s['layer_p95']:10.4f}")
-    print("held-out layer error by layer: " + "; ".join(
-        f"{name}: " + ", ".join(f"{layer}: {e:.3f}" for layer, e in s["by_layer"].items()) for name, s in summary.items()))
+              f"{s['held_out']['mass']:14.4f} {s['held_out']['output']:13.4f} {s['layer']:15.4f} "
+              f"{s['layer_p95']:10.4f}")
+    for name, s in summary.items():
+        print(f"held-out layer error by layer, {name}: "
+              + ", ".join(f"{layer}: {e:.3f}" for layer, e in s["by_layer"].items()))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "per_text": runs,
                                         "summary": summary}, indent=1))
