@@ -33,12 +33,16 @@ from centroidkv.eval.tasks import prose_texts
 METHODS = ("default+evict", "default", "default_fit", "default_fitlogit", "default_fitlogit_r1")
 
 
+def size_logits(slot_sizes, size_bias):
+    """What attention adds to each slot's logit, [1, H, 1, B] (the harness's size_bias * log(size))."""
+    return size_bias * slot_sizes.float().clamp_min(1e-30).log()[:, :, None] if size_bias else 0.0
+
+
 def region_errors(queries, keys, values, slot_keys, slot_values, slot_sizes, size_bias):
     """Per-query (mass error, output error) of the compressed slots against the full region."""
     probes = probe_queries(queries, keys.shape[1])
     full = probe_logits(probes, keys)
-    bias = size_bias * slot_sizes.float().clamp_min(1e-30).log()[:, :, None] if size_bias else 0.0
-    slots = probes @ slot_keys.float().transpose(-1, -2) + bias
+    slots = probe_logits(probes, slot_keys) + size_logits(slot_sizes, size_bias)
     mass = (torch.logsumexp(slots, -1) - torch.logsumexp(full, -1)).abs()
     o_full = torch.softmax(full, -1) @ values.float()
     o_slots = torch.softmax(slots, -1) @ slot_values.float()
@@ -52,13 +56,12 @@ def prefix_output_error(queries, parts, compressed, size_bias):
     probes = probe_queries(queries, parts[0][0].shape[1])
 
     def output(pieces):
-        logits = torch.cat([probes @ k.float().transpose(-1, -2) + b for k, _, b in pieces], -1)
+        logits = torch.cat([probe_logits(probes, k) + b for k, _, b in pieces], -1)
         return torch.softmax(logits, -1) @ torch.cat([v.float() for _, v, _ in pieces], -2)
 
     exact = [(k, v, 0.0) for k, v in parts]
     ck, cv, cs = compressed
-    bias = size_bias * cs.float().clamp_min(1e-30).log()[:, :, None] if size_bias else 0.0
-    full, slots = output(exact), output([exact[0], (ck, cv, bias), exact[2]])
+    full, slots = output(exact), output([exact[0], (ck, cv, size_logits(cs, size_bias)), exact[2]])
     return ((slots - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12)).flatten()
 
 

@@ -279,9 +279,12 @@ class DullCentroids(ProtectedClustering):
     At most as many are evicted as leave the centroid slots one token each."""
     skip: float = 0.5
 
-    def protect_and_cluster(self, region: Region) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    def __post_init__(self):
+        super().__post_init__()
         if not 0.0 <= self.skip <= 1.0:
             raise ValueError(f"DullCentroids: skip must be in [0, 1], got {self.skip}")
+
+    def protect_and_cluster(self, region: Region) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
         protect = protected_count(region.budget, self.protect_fraction)
         ranking = self.ranking(region, protect)
         if ranking is None or protect == 0:
@@ -290,15 +293,9 @@ class DullCentroids(ProtectedClustering):
         slots = region.budget - protect
         drop = min(round(self.skip * rest.shape[-1]), rest.shape[-1] - slots)
         dull = rest.gather(-1, top_tokens(ranking.gather(-1, rest), drop)[1])  # in position order
-
-        def take(x: Tensor, index: Tensor) -> Tensor:
-            return x.gather(2, index[..., None].expand(-1, -1, -1, x.shape[-1]))
-
-        ck, cv, cs = self.cluster_rest(take(region.keys, dull), take(region.values, dull),
-                                       torch.ones(dull.shape, device=dull.device), slots, self.chunk_size,
-                                       self.num_merge)
-        return (torch.cat([take(region.keys, kept), ck], 2), torch.cat([take(region.values, kept), cv], 2),
-                torch.cat([torch.ones(kept.shape, device=kept.device), cs], 2), kept)
+        merged = self.cluster_rest(*_keep(region, dull), slots, self.chunk_size, self.num_merge)
+        keys, values, sizes = (torch.cat([exact, merge], 2) for exact, merge in zip(_keep(region, kept), merged))
+        return keys, values, sizes, kept
 
 
 @dataclass
